@@ -7,11 +7,16 @@ They let the whole pipeline run on a fresh machine with no data, and serve as te
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
+
+from noduleai.io import write_image_atomic
+from noduleai.records import CaseRecord, NoduleRecord, save_manifest
 
 LUNG_HU = -860.0
 SOFT_TISSUE_HU = 40.0
@@ -188,3 +193,26 @@ def _to_image(array: np.ndarray, cv: _Canvas) -> sitk.Image:
     image.SetSpacing(tuple(cv.spacing))
     image.SetOrigin(tuple(cv.origin + 0.0))
     return image
+
+
+def write_phantom_cohort(out_dir: str | os.PathLike, n_cases: int, seed: int = 0, negative_fraction: float = 0.25,
+                         prefix: str = "phantom", **phantom_kwargs) -> list[CaseRecord]:
+    """Write ``n_cases`` phantoms as NRRD plus ``manifest.json``; about ``negative_fraction`` have no nodule.
+
+    Each phantom is its own patient. Existing files of the same name are rewritten.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(n_cases):
+        case_seed = int(rng.integers(2**31))
+        n_nodules = 0 if rng.random() < negative_fraction else int(rng.integers(1, 4))
+        phantom = make_phantom(case_seed, n_nodules=n_nodules, **phantom_kwargs)
+        case_id = f"{prefix}{i:03d}"
+        path = out / f"{case_id}.nrrd"
+        write_image_atomic(phantom.image, path)
+        nodules = [NoduleRecord(n.center_lps, n.diameter_mm, n.texture) for n in phantom.nodules]
+        cases.append(CaseRecord(case_id, case_id, str(path), int(bool(nodules)), nodules))
+    save_manifest(cases, out / "manifest.json")
+    return cases

@@ -1,0 +1,5 @@
+import sys
+
+from noduleai.cli import main
+
+sys.exit(main())

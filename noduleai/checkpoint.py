@@ -1,0 +1,119 @@
+"""Model checkpoints: one file with weights and metadata, loaded with ``weights_only=True`` only."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from noduleai import __version__
+from noduleai.files import atomic_path
+from noduleai.models import ResNet3D, build_model
+from noduleai.preprocess import PreprocessConfig
+
+MODEL_FORMAT = "noduleai-model"
+STATE_FORMAT = "noduleai-training-state"
+FORMAT_VERSION = 1
+TASKS = ("scan", "patch")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        super().__init__(f"{path}: {problem}")
+
+
+@dataclass
+class ModelInfo:
+    """Everything needed to rebuild a model and use it exactly as it was trained."""
+
+    arch: str
+    task: str
+    input_size: tuple[int, int, int]  # (z, y, x) model input
+    preprocess: dict[str, Any]
+    width: float = 1.0
+    small_input: bool = False
+    class_names: tuple[str, ...] = ("no nodule", "nodule")
+    cam_layer: str = "layer3"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training_data: dict[str, Any] = field(default_factory=dict)
+    engine_version: str = __version__
+    name: str = "unnamed"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, not {self.task!r}")
+        self.input_size = tuple(int(v) for v in self.input_size)
+        self.class_names = tuple(self.class_names)
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        return PreprocessConfig.from_dict(self.preprocess)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def build(self) -> ResNet3D:
+        return build_model(self.arch, num_classes=len(self.class_names), width=self.width,
+                           small_input=self.small_input)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model  # DistributedDataParallel
+
+
+def save_model(path: str | os.PathLike, model: torch.nn.Module, info: ModelInfo) -> None:
+    """Write a model checkpoint atomically."""
+    state = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    payload = {"format": MODEL_FORMAT, "format_version": FORMAT_VERSION, "info": info.to_dict(),
+               "state_dict": state}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def safe_load(path: str | os.PathLike, expected_format: str) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` with every failure turned into a :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "checkpoint file does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(path, "refused: it pickles Python objects other than tensors and plain data "
+                                    f"(only weights and metadata are loaded, for safety): {err}") from err
+    except Exception as err:  # zip/EOF/format errors: the file is damaged or not a torch file
+        raise CheckpointError(path, f"corrupt, truncated or not a PyTorch checkpoint ({err})") from err
+    if not isinstance(payload, dict) or "format" not in payload:
+        raise CheckpointError(path, "not a NoduleAI checkpoint (no 'format' field; a bare state_dict or "
+                                    "another program's file?)")
+    if payload["format"] != expected_format:
+        raise CheckpointError(path, f"is a {payload['format']!r} file, expected {expected_format!r}")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(path, f"format version {payload.get('format_version')} is newer than this "
+                                    f"engine ({__version__}) understands; update NoduleAI")
+    return payload
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ResNet3D, ModelInfo]:
+    """Rebuild the model from a checkpoint, in eval mode on ``device``."""
+    payload = safe_load(path, MODEL_FORMAT)
+    try:
+        info = ModelInfo(**payload["info"])
+        model = info.build()
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(path, f"metadata or weights do not describe a valid model ({err})") from err
+    return model.to(device).eval(), info
+
+
+def bundled_model_path() -> Path | None:
+    """The model shipped with the package, when there is one."""
+    here = Path(__file__).resolve().parent / "weights"
+    found = sorted(here.glob("*.pt")) if here.is_dir() else []
+    return found[0] if found else None

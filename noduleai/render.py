@@ -1,0 +1,57 @@
+"""Overlay pictures: CT (lung window) with the heatmap, through a point, in three planes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+
+from noduleai import DISCLAIMER  # noqa: E402
+from noduleai.files import atomic_path  # noqa: E402
+from noduleai.geometry import lps_to_array_index  # noqa: E402
+
+PLANES = ("axial", "coronal", "sagittal")
+LUNG_WINDOW = (-1000.0, 400.0)
+
+
+def render_overlays(ct: sitk.Image, heatmap: sitk.Image, point_lps: Sequence[float],
+                    paths: dict[str, str | os.PathLike], title: str = "", threshold: float = 0.2,
+                    opacity: float = 0.5) -> None:
+    """Write one PNG per plane in ``paths`` (keys from :data:`PLANES`), in radiological convention.
+
+    Both images are reoriented to LPS for display only, so the patient's right is on the left,
+    anterior up in axial, superior up in coronal and sagittal.
+    """
+    ct_lps = sitk.DICOMOrient(ct, "LPS")
+    heat_lps = sitk.DICOMOrient(heatmap, "LPS")
+    ct_a, heat_a = sitk.GetArrayViewFromImage(ct_lps), sitk.GetArrayViewFromImage(heat_lps)
+    z, y, x = (int(round(v)) for v in lps_to_array_index(ct_lps, point_lps))
+    z, y, x = (int(np.clip(v, 0, n - 1)) for v, n in zip((z, y, x), ct_a.shape))
+    sx, sy, sz = ct_lps.GetSpacing()
+    views = {  # slice, aspect (row spacing / column spacing), flip vertically, marker (col, row)
+        "axial": (lambda a: a[z], sy / sx, False, (x, y)),
+        "coronal": (lambda a: a[:, y, :], sz / sx, True, (x, z)),
+        "sagittal": (lambda a: a[:, :, x], sz / sy, True, (y, z)),
+    }
+    for plane, path in paths.items():
+        take, aspect, flip, (mc, mr) = views[plane]
+        image, heat = np.asarray(take(ct_a), float), np.asarray(take(heat_a), float)
+        origin = "lower" if flip else "upper"
+        fig, ax = plt.subplots(figsize=(6, 6 * min(2.0, max(0.5, image.shape[0] * aspect / image.shape[1]))))
+        ax.imshow(image, cmap="gray", vmin=LUNG_WINDOW[0], vmax=LUNG_WINDOW[1], aspect=aspect, origin=origin)
+        ax.imshow(np.ma.masked_less(heat, threshold), cmap="inferno", vmin=0, vmax=1, alpha=opacity,
+                  aspect=aspect, origin=origin)
+        ax.plot([mc], [mr], marker="o", markersize=18, markerfacecolor="none", markeredgecolor="cyan")
+        ax.set_title(f"{title} {plane}".strip(), fontsize=10)
+        ax.axis("off")
+        fig.text(0.01, 0.01, DISCLAIMER, fontsize=8, color="gray")
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=90)
+        plt.close(fig)
