@@ -10,6 +10,7 @@ import pytest
 import torch
 
 # An isolated HOME before anything imports pylidc or matplotlib: nothing lands in the user's home.
+ORIGINAL_HOME = os.environ.get("HOME", "/root")
 _HOME = tempfile.mkdtemp(prefix="noduleai-test-home-")
 os.environ["HOME"] = _HOME
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -62,7 +63,7 @@ def demo(tmp_path_factory):
     """One run of the real demo (phantoms -> training -> evaluation -> detection), shared by tests."""
     from noduleai.demo import run_demo
 
-    return run_demo(tmp_path_factory.mktemp("demo"), progress=False)
+    return run_demo(tmp_path_factory.mktemp("demo"), progress=False, verbose=False)
 
 
 @pytest.fixture(scope="session")

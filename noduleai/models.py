@@ -104,22 +104,6 @@ class ResNet3D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
-    @property
-    def total_stride(self) -> int:
-        """Input voxels per feature-map voxel after ``layer4``."""
-        return 8 if isinstance(self.stem[-1], nn.ReLU) else 32
-
-    def dense_logits(self, x: torch.Tensor, patch_size: int) -> torch.Tensor:
-        """Patch logits at every ``total_stride``-th position, computed fully convolutionally.
-
-        Output index q holds the logits of the patch whose first input voxel is ``q * total_stride``:
-        the trunk is shared between overlapping patches instead of run once per patch (64x less work
-        at stride 8 for 32^3 patches), then pooled over each patch's feature window.
-        """
-        window = patch_size // self.total_stride
-        pooled = nn.functional.avg_pool3d(self.features(x), window, stride=1)
-        return torch.einsum("ncdhw,kc->nkdhw", pooled, self.fc.weight) + self.fc.bias.view(1, -1, 1, 1, 1)
-
 
 def build_model(arch: str, num_classes: int = 2, width: float = 1.0, small_input: bool = False) -> ResNet3D:
     """Build a named 3D ResNet (see :data:`ARCHITECTURES`)."""

@@ -103,7 +103,7 @@ def make_phantom(seed: int, size_xyz: tuple[int, int, int] = (112, 96, 80),
     cv = _Canvas(size_xyz, spacing_xyz)
     fov = np.asarray(size_xyz) * cv.spacing
     sl, pts = cv.box(cv.origin, -cv.origin)
-    x, y, z = pts[..., 0], pts[..., 1], pts[..., 2]
+    x, y = pts[..., 0], pts[..., 1]
     # Body: an elliptic cylinder with a fat layer; spine posterior.
     ax, ay = 0.46 * fov[0], 0.40 * fov[1]
     body_r = (x / ax) ** 2 + (y / ay) ** 2

@@ -56,6 +56,7 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "auto"
     max_steps_per_epoch: int | None = None  # cap for CPU demos; None: the whole training set
+    lr_schedule: str = "constant"  # the seed's Adam at a fixed rate; "cosine" anneals to 0 over epochs
     cam_layer: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +157,9 @@ def train(entries: Sequence[CacheEntry], config: TrainConfig, preprocess: Prepro
     weights = calculate_class_weights(train_set.labels(), 2, config.class_weights)
     loss_fn = make_loss(config.loss, weights.to(device), config.focal_gamma)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    if config.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be constant or cosine, not {config.lr_schedule!r}")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _lr_factor(config, e))
     history: list[dict[str, float]] = []
     best_score, start_epoch = -float("inf"), 0
     state_path = out / LAST_STATE
@@ -166,6 +170,7 @@ def train(entries: Sequence[CacheEntry], config: TrainConfig, preprocess: Prepro
                              "folder or --no-resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         history, best_score, start_epoch = state["history"], state["best_score"], state["epoch"] + 1
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     use_amp = device.type == "cuda"
@@ -202,6 +207,7 @@ def train(entries: Sequence[CacheEntry], config: TrainConfig, preprocess: Prepro
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}")
         bar.close()
+        scheduler.step()
         val_prob = predict(model, val_set, config.batch_size, device)
         val_y = np.asarray(val_set.labels())
         with torch.no_grad():
@@ -221,7 +227,7 @@ def train(entries: Sequence[CacheEntry], config: TrainConfig, preprocess: Prepro
                 save_model(out / BEST_MODEL, model, info)
             payload = {"format": STATE_FORMAT, "format_version": 1, "epoch": epoch, "history": history,
                        "best_score": best_score, "config": config.to_dict(), "model": model.state_dict(),
-                       "optimizer": optimizer.state_dict()}
+                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
             with atomic_path(state_path) as tmp:
                 torch.save(payload, tmp)
             _append_progress(out / PROGRESS, record)
@@ -252,6 +258,12 @@ def _final_test(out: Path, test_set: Dataset, config: TrainConfig, device: torch
     info.metrics["test"] = metrics
     save_model(out / BEST_MODEL, model, info)
     return metrics
+
+
+def _lr_factor(config: TrainConfig, epoch: int) -> float:
+    if config.lr_schedule == "cosine":
+        return 0.5 * (1 + np.cos(np.pi * min(epoch, config.epochs) / max(config.epochs, 1)))
+    return 1.0
 
 
 def _same_run(saved: dict[str, Any], config: TrainConfig) -> bool:
