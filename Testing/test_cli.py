@@ -10,6 +10,7 @@ import pandas as pd
 import SimpleITK as sitk
 from conftest import LIDC_0001, RADIOMICS_IMAGE, TS_NIFTI, require
 
+from noduleai.checkpoint import load_model
 from noduleai.cli import expand_inputs, main
 from noduleai.io import read_ct
 
@@ -32,10 +33,11 @@ def test_detect_runs_over_a_folder_and_survives_a_broken_file(demo, tmp_path, ca
     assert "FAILED broken" in printed and "Research use, not for diagnosis" in printed
     # The heatmap has exactly the CT's geometry; candidates name their coordinate systems.
     ct = read_ct(LIDC_0001)
-    heat = sitk.ReadImage(str(out / "LIDC-IDRI-0001_heatmap.nrrd"))
-    assert heat.GetSize() == ct.GetSize()
-    assert np.allclose(heat.GetSpacing(), ct.GetSpacing()) and np.allclose(heat.GetOrigin(), ct.GetOrigin())
-    assert np.allclose(heat.GetDirection(), ct.GetDirection())
+    for kind in ("heatmap", "probability"):
+        heat = sitk.ReadImage(str(out / f"LIDC-IDRI-0001_{kind}.nrrd"))
+        assert heat.GetSize() == ct.GetSize()
+        assert np.allclose(heat.GetSpacing(), ct.GetSpacing()) and np.allclose(heat.GetOrigin(), ct.GetOrigin())
+        assert np.allclose(heat.GetDirection(), ct.GetDirection())
     data = json.loads((out / "LIDC-IDRI-0001_candidates.json").read_text())
     for c in data["candidates"]:
         assert {"position_lps", "position_ras", "probability", "diameter_mm"} <= set(c)
@@ -72,3 +74,21 @@ def test_input_expansion(tmp_path):
     assert [name for name, _ in expand_inputs([patients])] == ["p1", "p2"]
     assert [name for name, _ in expand_inputs([patients / "p1"])] == ["p1"]
     assert [name for name, _ in expand_inputs([tmp_path / "a.nrrd", tmp_path / "a.nrrd"])] == ["a", "a_2"]
+
+
+def test_prepare_and_evaluate_commands(demo, tmp_path, capsys):
+    manifest = demo.out_dir / "data" / "manifest.json"
+    cache = tmp_path / "cache"
+    code = main(["-q", "prepare", "--manifest", str(manifest), "--cache", str(cache), "--task", "scan",
+                 "--input-size", "48", "--workers", "2"])
+    assert code == 0
+    table = pd.read_csv(cache / "metadata.csv")
+    assert len(table) == 24 and set(json.loads(table["shape"][0])) == {48}
+    out = tmp_path / "eval"
+    code = main(["-q", "evaluate", "--model", str(demo.model_path), "--manifest", str(manifest), "--split", "test",
+                 "--out", str(out)])
+    assert code == 0
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    _, info = load_model(demo.model_path)
+    assert {c["case"] for c in evaluation["per_case"]} == set(info.training_data["test_cases"])
+    assert "CPM" in capsys.readouterr().out

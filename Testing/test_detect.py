@@ -26,6 +26,8 @@ def test_demo_writes_every_output(demo):
     for suffix in ("_heatmap.nrrd", "_probability.nrrd", "_candidates.csv", "_candidates.json", "_report.json",
                    "_axial.png", "_coronal.png", "_sagittal.png"):
         assert case + suffix in names
+    card = (demo.model_path.parent / "MODEL_CARD.md").read_text()
+    assert "Research use, not for diagnosis" in card and "phantoms" in card and "| test |" in card
     for name in ("best_model.pt", "history.csv", "test_results.csv", "roc_curve.png", "confusion_matrix.png"):
         assert (demo.model_path.parent / name).exists(), name
     evaluation = json.loads((demo.out_dir / "evaluation" / "evaluation.json").read_text())
@@ -33,22 +35,36 @@ def test_demo_writes_every_output(demo):
     assert (demo.out_dir / "evaluation" / "by_size.csv").exists()
 
 
+def _nodule_and_vessel_scores(detector, phantom):
+    pre = preprocess_ct(sitk.Cast(phantom.image, sitk.sitkFloat32), detector.info.preprocess_config)
+    nodules = [np.array(lps_to_array_index(pre.image, n.center_lps)) for n in phantom.nodules]
+    vessels = [np.array(lps_to_array_index(pre.image, p)) for p in phantom.vessel_points_lps]
+    scores = detector.score_patches(pre.array, nodules + vessels)
+    return scores[: len(nodules)], scores[len(nodules):]
+
+
 def test_model_ranks_held_out_nodules_above_vessels(demo_detector, demo):
-    """On held-out phantoms, every nodule scores above the median vessel, and most above every vessel."""
+    """The demo's held-out phantom: every nodule above every vessel. Four more held-out phantoms
+    (other seeds, solid, part-solid and ground-glass nodules): pairwise AUC of nodules over vessels."""
     from noduleai.synthetic import make_phantom
 
+    held_out = make_phantom(_held_out_seed(demo), n_nodules=1)
+    case = load_manifest(demo.out_dir / "held_out" / "manifest.json")[0]
+    assert np.array_equal(sitk.GetArrayViewFromImage(held_out.image),
+                          sitk.GetArrayViewFromImage(sitk.ReadImage(case.image_path))), "regenerated exactly"
+    nod, ves = _nodule_and_vessel_scores(demo_detector, held_out)
+    assert len(ves) >= 10 and nod.min() > ves.max(), (nod, np.sort(ves)[-5:])
     wins, total = 0, 0
-    for seed in (5001, 5002, 5003):
-        phantom = make_phantom(seed, n_nodules=2)
-        pre = preprocess_ct(sitk.Cast(phantom.image, sitk.sitkFloat32), demo_detector.info.preprocess_config)
-        nodules = [np.array(lps_to_array_index(pre.image, n.center_lps)) for n in phantom.nodules]
-        vessels = [np.array(lps_to_array_index(pre.image, p)) for p in phantom.vessel_points_lps]
-        scores = demo_detector.score_patches(pre.array, nodules + vessels)
-        nod, ves = scores[: len(nodules)], scores[len(nodules):]
-        assert nod.min() > np.median(ves), (seed, nod, np.sort(ves))
+    for seed in (5001, 5002, 5003, 5004):
+        nod, ves = _nodule_and_vessel_scores(demo_detector, make_phantom(seed, n_nodules=2))
         wins += int((nod[:, None] > ves[None]).sum())
         total += nod.size * ves.size
-    assert wins / total > 0.9  # pairwise AUC of nodules against vessels
+    assert wins / total > 0.85
+
+
+def _held_out_seed(demo) -> int:
+    """The seed ``write_phantom_cohort`` drew for the demo's held-out phantom (its first case)."""
+    return int(np.random.default_rng(7 + 1000).integers(2**31))
 
 
 def test_detection_finds_the_held_out_nodule_and_grad_cam_points_at_it(demo_detector, held_out):

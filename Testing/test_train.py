@@ -55,7 +55,7 @@ def test_patch_sampling_keeps_negatives_clear_of_nodules(cohort):
     items = sample_patch_items(entries, negatives_per_case=12, seed=0, positive_repeats=3)
     positives = [it for it in items if it.label == 1]
     assert len(positives) == 3 * sum(len(e.nodules) for e in entries)
-    assert {it.kind for it in items if it.label == 0} == {"dense", "pleura", "lung"}
+    assert {it.kind for it in items if it.label == 0} == {"blob", "dense", "pleura", "lung"}
     for it in items:
         if it.label == 0:
             for n in entries[it.entry].nodules:

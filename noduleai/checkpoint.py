@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,13 +83,15 @@ def safe_load(path: str | os.PathLike, expected_format: str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "checkpoint file does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is damaged or foreign
+        raise CheckpointError(path, "corrupt, truncated or not a PyTorch checkpoint (not a zip archive)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(path, "refused: it pickles Python objects other than tensors and plain data "
-                                    f"(only weights and metadata are loaded, for safety): {err}") from err
+                                    f"(only weights and metadata are loaded, for safety): {_first(err)}") from err
     except Exception as err:  # zip/EOF/format errors: the file is damaged or not a torch file
-        raise CheckpointError(path, f"corrupt, truncated or not a PyTorch checkpoint ({err})") from err
+        raise CheckpointError(path, f"corrupt, truncated or not a PyTorch checkpoint ({_first(err)})") from err
     if not isinstance(payload, dict) or "format" not in payload:
         raise CheckpointError(path, "not a NoduleAI checkpoint (no 'format' field; a bare state_dict or "
                                     "another program's file?)")
@@ -98,6 +101,12 @@ def safe_load(path: str | os.PathLike, expected_format: str) -> dict[str, Any]:
         raise CheckpointError(path, f"format version {payload.get('format_version')} is newer than this "
                                     f"engine ({__version__}) understands; update NoduleAI")
     return payload
+
+
+def _first(err: Exception) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    unsafe = [ln for ln in lines if "Unsupported global" in ln or "GLOBAL" in ln]
+    return (unsafe or lines or [type(err).__name__])[0]
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ResNet3D, ModelInfo]:

@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="phantoms -> train -> evaluate -> detect, on the CPU, no download")
     p.add_argument("--out", default="noduleai-output/demo")
     p.add_argument("--cases", type=int, default=24)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(func=cmd_demo)
     return parser

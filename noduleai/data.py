@@ -11,9 +11,11 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from noduleai.cache import CacheEntry
+from noduleai.candidates import blob_centres, inscribed_radius
 from noduleai.patches import extract_patch
 
-NEGATIVE_KINDS = ("dense", "pleura", "lung")
+NEGATIVE_KINDS = ("blob", "dense", "pleura", "lung")
+NEGATIVE_SHARES = {"blob": 0.4, "dense": 0.2, "pleura": 0.2}  # the rest: anywhere in the lung
 DENSE_THRESHOLD = 0.35  # normalised intensity ~ -510 HU with the default window: vessels, airway walls
 
 
@@ -59,11 +61,11 @@ class PatchItem:
 def sample_patch_items(entries: Sequence[CacheEntry], negatives_per_case: int = 40, seed: int = 0,
                        min_diameter_mm: float = 3.0, positive_repeats: int = 1) -> list[PatchItem]:
     """Positives at every nodule >= ``min_diameter_mm`` (each ``positive_repeats`` times: the dataset
-    jitters every copy differently); negatives of three kinds per case.
+    jitters every copy differently); negatives of four kinds per case.
 
-    Half the negatives are dense lung tissue (vessels, airway walls: what a nodule detector confuses),
-    a quarter pleura (the lung boundary), a quarter anywhere in the lung. Negatives keep clear of
-    every annotated nodule (radius + 5 mm).
+    40 % are compact blobs found by the detector's own candidate generator (vessel crossings, thick
+    vessels: the hard negatives), 20 % dense tissue (vessels, airway walls), 20 % pleura, 20 % anywhere
+    in the lung. Negatives keep clear of every annotated nodule (radius + 5 mm).
     """
     rng = np.random.default_rng(seed)
     items: list[PatchItem] = []
@@ -77,11 +79,12 @@ def sample_patch_items(entries: Sequence[CacheEntry], negatives_per_case: int = 
         mask = np.asarray(entry.load_mask(), bool)
         spacing = np.asarray(entry.spacing[::-1])
         pools = {
+            "blob": blob_centres(inscribed_radius(volume, mask, spacing)),
             "dense": np.argwhere(mask & (volume > DENSE_THRESHOLD)),
             "pleura": np.argwhere(mask & ~ndimage.binary_erosion(mask, iterations=2)),
             "lung": np.argwhere(mask),
         }
-        counts = {"dense": negatives_per_case // 2, "pleura": negatives_per_case // 4}
+        counts = {kind: int(round(share * negatives_per_case)) for kind, share in NEGATIVE_SHARES.items()}
         counts["lung"] = negatives_per_case - sum(counts.values())
         centres = np.array([n["zyx"] for n in nodules]) if nodules else np.zeros((0, 3))
         clearance = np.array([n["diameter_mm"] / 2 + 5.0 for n in nodules])

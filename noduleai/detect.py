@@ -26,13 +26,12 @@ from scipy import ndimage
 
 from noduleai import DISCLAIMER, __version__
 from noduleai.cam import cam_to_ct, grad_cam
+from noduleai.candidates import TISSUE_THRESHOLD, blob_centres, inscribed_radius
 from noduleai.checkpoint import ModelInfo, load_model
 from noduleai.geometry import image_from_array, lps_to_ras, resample_like
 from noduleai.models import ResNet3D, pick_device
 from noduleai.patches import extract_patch, paste_patch_max
 from noduleai.preprocess import PreprocessedCT, preprocess_ct
-
-BLOB_THRESHOLD = 0.22  # normalised ~ -690 HU with the default window: solid and ground-glass tissue
 
 
 @dataclass
@@ -125,9 +124,9 @@ class Detector:
         """P(nodule) of the patch centred at every ``stride``-th voxel (z, y, x) inside the lung.
 
         Grid points whose ``stride``-wide neighbourhood holds no tissue denser than
-        ``BLOB_THRESHOLD`` (pure parenchyma: no nodule can be centred there) are not scored and read 0.
+        ``TISSUE_THRESHOLD`` (pure parenchyma: no nodule can be centred there) are not scored and read 0.
         """
-        tissue = ndimage.maximum_filter(volume > BLOB_THRESHOLD, size=stride)[::stride, ::stride, ::stride]
+        tissue = ndimage.maximum_filter(volume > TISSUE_THRESHOLD, size=stride)[::stride, ::stride, ::stride]
         inside = mask[::stride, ::stride, ::stride] & tissue
         points = np.argwhere(inside)
         grid = np.zeros(inside.shape, np.float32)
@@ -152,13 +151,10 @@ class Detector:
         grid = self.probability_grid(volume, mask, stride)
         timings["dense_scan"] = time.perf_counter() - t
         t = time.perf_counter()
-        # Inscribed-sphere radius of the tissue: large at a nodule's centre, small along vessels.
-        solid = ndimage.binary_opening((volume > BLOB_THRESHOLD) & mask,
-                                       structure=ndimage.generate_binary_structure(3, 1))
-        edt = ndimage.distance_transform_edt(solid, sampling=spacing).astype(np.float32)
+        edt = inscribed_radius(volume, mask, spacing)
         peaks = (grid == ndimage.maximum_filter(grid, size=3)) & (grid >= self.min_probability)
         order = np.argsort(-grid[peaks])[: 4 * self.max_candidates]
-        proposals = [q * stride for q in np.argwhere(peaks)[order]] + blob_proposals(edt)
+        proposals = [q * stride for q in np.argwhere(peaks)[order]] + list(blob_centres(edt).astype(float))
         refined = [_refine(edt, p, spacing) for p in proposals]
         probs = self.score_patches(volume, [c for c, _d in refined])
         kept: list[tuple[np.ndarray, float, float]] = []
@@ -195,7 +191,7 @@ class Detector:
         cam_map = cam[0] * pre.mask_array  # attention outside the lungs is not a nodule candidate
         timings["inference_and_cam"] = time.perf_counter() - t
         spacing = np.asarray(pre.image.GetSpacing()[::-1])
-        edt = ndimage.distance_transform_edt(pre.array > BLOB_THRESHOLD, sampling=spacing)
+        edt = inscribed_radius(pre.array, pre.mask_array, spacing)
         peaks = (cam_map == ndimage.maximum_filter(cam_map, size=9)) & (cam_map >= 0.5)
         idx = np.argwhere(peaks)
         idx = idx[np.argsort(-cam_map[peaks])][: self.max_candidates]
@@ -222,14 +218,6 @@ def _grid_image(grid: np.ndarray, like: sitk.Image, stride: int) -> sitk.Image:
 def _candidate(rank: int, lps, probability: float, diameter: float) -> Candidate:
     lps = tuple(float(v) for v in lps)
     return Candidate(rank, lps, lps_to_ras(lps), float(probability), float(diameter))
-
-
-def blob_proposals(edt: np.ndarray, min_radius_mm: float = 1.5, limit: int = 200) -> list[np.ndarray]:
-    """Centres of compact tissue blobs: local maxima of the inscribed-sphere radius (a classical
-    candidate generator; vessels give lower ridges, so the thickest blobs come first)."""
-    peaks = (edt == ndimage.maximum_filter(edt, size=5)) & (edt >= min_radius_mm)
-    points = np.argwhere(peaks)
-    return list(points[np.argsort(-edt[peaks])][:limit].astype(float))
 
 
 def _refine(edt: np.ndarray, zyx, spacing: np.ndarray, radius_mm: float = 6.0) -> tuple[np.ndarray, float]:
