@@ -104,7 +104,7 @@ train(load_cache({cache!r}), config, PATCH_PREPROCESS, {out!r}, progress=False)
 
 def test_a_run_killed_mid_epoch_resumes_to_the_same_result(cohort, tmp_path):
     root, entries = cohort
-    config = _tiny(epochs=3, max_steps_per_epoch=8)
+    config = _tiny(epochs=3, max_steps_per_epoch=30)  # ~0.3 s a step: the kill lands inside epoch 2
     out = tmp_path / "killed"
     code = SCRIPT.format(config=config.to_dict(), cache=str(root / "cache"), out=str(out))
     proc = subprocess.Popen([sys.executable, "-c", code])

@@ -42,6 +42,7 @@ class ModelInfo:
     small_input: bool = False
     class_names: tuple[str, ...] = ("no nodule", "nodule")
     cam_layer: str = "layer3"
+    cam_method: str = "gradcam"
     metrics: dict[str, Any] = field(default_factory=dict)
     training_data: dict[str, Any] = field(default_factory=dict)
     engine_version: str = __version__

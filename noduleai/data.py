@@ -59,13 +59,14 @@ class PatchItem:
 
 
 def sample_patch_items(entries: Sequence[CacheEntry], negatives_per_case: int = 40, seed: int = 0,
-                       min_diameter_mm: float = 3.0, positive_repeats: int = 1) -> list[PatchItem]:
+                       min_diameter_mm: float = 3.0, positive_repeats: int = 1,
+                       clearance_mm: float = 5.0) -> list[PatchItem]:
     """Positives at every nodule >= ``min_diameter_mm`` (each ``positive_repeats`` times: the dataset
     jitters every copy differently); negatives of four kinds per case.
 
     40 % are compact blobs found by the detector's own candidate generator (vessel crossings, thick
     vessels: the hard negatives), 20 % dense tissue (vessels, airway walls), 20 % pleura, 20 % anywhere
-    in the lung. Negatives keep clear of every annotated nodule (radius + 5 mm).
+    in the lung. Negatives keep clear of every annotated nodule (radius + ``clearance_mm``).
     """
     rng = np.random.default_rng(seed)
     items: list[PatchItem] = []
@@ -87,7 +88,7 @@ def sample_patch_items(entries: Sequence[CacheEntry], negatives_per_case: int = 
         counts = {kind: int(round(share * negatives_per_case)) for kind, share in NEGATIVE_SHARES.items()}
         counts["lung"] = negatives_per_case - sum(counts.values())
         centres = np.array([n["zyx"] for n in nodules]) if nodules else np.zeros((0, 3))
-        clearance = np.array([n["diameter_mm"] / 2 + 5.0 for n in nodules])
+        clearance = np.array([n["diameter_mm"] / 2 + clearance_mm for n in nodules])
         for kind in NEGATIVE_KINDS:
             pool = pools[kind]
             if len(pool) == 0:
@@ -102,7 +103,8 @@ def sample_patch_items(entries: Sequence[CacheEntry], negatives_per_case: int = 
 
 
 class PatchDataset(Dataset):
-    """Patches around :class:`PatchItem` centres; positives jittered so the nodule is not always centred."""
+    """Patches around :class:`PatchItem` centres; positives shifted by up to ``jitter_mm`` per axis so the
+    network must find the nodule instead of reading the patch centre from the border padding."""
 
     def __init__(self, entries: Sequence[CacheEntry], items: Sequence[PatchItem], patch_size: int = 32,
                  augment=None, jitter_mm: float = 3.0, seed: int = 0):
@@ -125,8 +127,8 @@ class PatchDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         item = self.items[i]
         center = np.asarray(item.center_zyx, float)
-        if self.augment is not None and item.label == 1 and self.jitter_mm > 0:
-            limit = min(self.jitter_mm, item.diameter_mm / 4 + 1)
+        if item.label == 1 and self.jitter_mm > 0:
+            limit = self.jitter_mm
             center = center + self.rng.uniform(-limit, limit, 3) / np.asarray(self.entries[item.entry].spacing[::-1])
         patch = torch.from_numpy(extract_patch(self._volume(item.entry), center, self.patch_size))[None]
         if self.augment is not None:

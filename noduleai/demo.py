@@ -46,11 +46,14 @@ def demo_config(epochs: int = 10, seed: int = 7) -> TrainConfig:
     with the seed's augmentation 0.45 (its intensity jitter and the focal loss need far longer schedules
     than a CPU demo has). The recipe below (class-weighted cross-entropy, no augmentation, hard negatives
     from the candidate generator, 500 steps, cosine rate) reaches 0.93 and ranks the held-out phantom's
-    nodule first. ``noduleai train`` keeps the seed's recipe as its default.
+    nodule first. Shifting positives off-centre (6 mm) made Grad-CAM point better (layer2: 0.85 of
+    peaks inside the nodule) but dropped that AUC to 0.83, so positives stay centred.
+    ``noduleai train`` keeps the seed's recipe as its default.
     """
     return TrainConfig(task="patch", arch="resnet10_3d", width=0.125, epochs=epochs, batch_size=16, lr=1e-3,
                        lr_schedule="cosine", loss="ce", augment=False, seed=seed, patch_size=32,
-                       negatives_per_case=24, positive_repeats=6, max_steps_per_epoch=50, device="cpu")
+                       negatives_per_case=24, positive_repeats=6, jitter_mm=0.0, max_steps_per_epoch=50,
+                       device="cpu")
 
 
 @dataclass
@@ -82,7 +85,9 @@ def run_demo(out_dir: str | os.PathLike = "noduleai-output/demo", n_cases: int =
     result = train(entries, config, PATCH_PREPROCESS, out / "model", progress=progress)
     model, info = load_model(result.best_model)
     if info.name != DEMO_MODEL_NAME:
-        info.name = DEMO_MODEL_NAME
+        # Grad-CAM pointing accuracy of this model (peak inside the nodule, 27 held-out phantom patches):
+        # layer3 Grad-CAM++ 0.67, layer3 Grad-CAM 0.37, layer2 Grad-CAM 0.30, layer4 Grad-CAM++ 0.30.
+        info.name, info.cam_layer, info.cam_method = DEMO_MODEL_NAME, "layer3", "gradcam++"
         save_model(result.best_model, model, info)
     write_model_card(result.best_model.with_name("MODEL_CARD.md"), info, PHANTOM_DATA, PHANTOM_LIMITS)
     detector = Detector(model, info, "cpu", source=str(result.best_model), min_probability=0.05)

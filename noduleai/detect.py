@@ -84,12 +84,12 @@ class Detector:
     """A loaded model ready to run on CT images (SimpleITK, in HU)."""
 
     def __init__(self, model: ResNet3D, info: ModelInfo, device: str | torch.device = "auto",
-                 cam_method: str = "gradcam", cam_layer: str | None = None, min_probability: float = 0.1,
+                 cam_method: str | None = None, cam_layer: str | None = None, min_probability: float = 0.1,
                  max_candidates: int = 20, stride_mm: float = 8.0, source: str = ""):
         self.device = pick_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
         self.info = info
-        self.cam_method = cam_method
+        self.cam_method = cam_method or info.cam_method
         self.cam_layer = cam_layer or info.cam_layer
         self.min_probability = min_probability
         self.max_candidates = max_candidates

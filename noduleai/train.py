@@ -53,6 +53,7 @@ class TrainConfig:
     patch_size: int = 32
     negatives_per_case: int = 40
     positive_repeats: int = 4
+    jitter_mm: float = 3.0  # patch task: random offset of the nodule from the patch centre
     num_workers: int = 0
     device: str = "auto"
     max_steps_per_epoch: int | None = None  # cap for CPU demos; None: the whole training set
@@ -105,7 +106,8 @@ def _datasets(entries: Sequence[CacheEntry], parts, config: TrainConfig) -> list
         # Only training copies positives; validation and test count every nodule once.
         repeats = config.positive_repeats if k == 0 else 1
         items = sample_patch_items(subset, config.negatives_per_case, seed=config.seed + k, positive_repeats=repeats)
-        sets.append(PatchDataset(subset, items, config.patch_size, augment if k == 0 else None, seed=config.seed))
+        sets.append(PatchDataset(subset, items, config.patch_size, augment if k == 0 else None,
+                                 jitter_mm=config.jitter_mm if k == 0 else 0.0, seed=config.seed))
     return sets
 
 
