@@ -57,3 +57,23 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:
             and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
             and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
             and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
+
+
+def ijk_to_ras_matrix(image: sitk.Image) -> np.ndarray:
+    """The 4x4 IJK-to-RAS matrix that Slicer uses for a volume with the geometry of ``image``."""
+    flip = np.diag(_LPS_RAS_FLIP)
+    direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
+    matrix = np.eye(4)
+    matrix[:3, :3] = flip @ direction @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = flip @ np.asarray(image.GetOrigin(), float)
+    return matrix
+
+
+def geometry_from_ijk_to_ras(matrix: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """(origin, spacing, direction) in LPS, as SimpleITK wants them, from a 4x4 IJK-to-RAS matrix."""
+    flip = np.diag(_LPS_RAS_FLIP)
+    linear = flip @ np.asarray(matrix, float)[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    direction = linear / spacing
+    origin = flip @ np.asarray(matrix, float)[:3, 3]
+    return tuple(origin.tolist()), tuple(spacing.tolist()), tuple(direction.ravel().tolist())
