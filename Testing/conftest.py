@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,10 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 torch.set_num_threads(2)
 
 REPO = Path(__file__).resolve().parents[1]
+# The modules' Lib packages import like Slicer imports them: from the module folders.
+for module in ("NoduleDetect", "NoduleTraining"):
+    if str(REPO / module) not in sys.path:
+        sys.path.insert(0, str(REPO / module))
 SHARED_DATA = REPO.parent / "shared" / "data"
 LIDC_ROOT = SHARED_DATA / "LIDC-IDRI"
 LIDC_0001 = LIDC_ROOT / "LIDC-IDRI-0001"

@@ -7,6 +7,7 @@ is shared and noisy). Run: .venv/bin/python bench/bench_cam_detect.py [--model C
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import statistics
@@ -48,7 +49,8 @@ def bench_cam(repeats: int, size: int, width: float) -> dict:
     def ours():
         grad_cam(model, x, "layer4", 1)
 
-    monai_cam = MonaiGradCAM(nn_module=model, target_layers="layer4")
+    # A copy: MONAI registers hooks on the module it wraps, which would tax our runs too.
+    monai_cam = MonaiGradCAM(nn_module=copy.deepcopy(model), target_layers="layer4")
 
     def monai():
         monai_cam(x, class_idx=1)

@@ -299,11 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from noduleai.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (UsageError, CheckpointError, CTInputError) as err:
+    except (UsageError, ValueError, OSError) as err:  # CheckpointError and CTInputError are ValueErrors
         print(f"noduleai {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE if isinstance(err, UsageError) else EXIT_FAILED
 

@@ -1,0 +1,131 @@
+"""NoduleDetect's logic on real MRML (slicer-core): the LIDC scan loaded by Slicer's volumes logic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicer  # slicer-core: real MRML without the application
+from conftest import LIDC_0001, require
+from NoduleDetectLib.logic import DetectionLogic, image_from_volume_node
+from slicer_scene import load_volume, new_scene, read_mrb
+
+from noduleai.detect import Detector
+from noduleai.geometry import lps_to_ras, ras_to_lps
+from noduleai.io import read_ct
+
+
+@pytest.fixture(scope="module")
+def lidc_in_slicer():
+    scene = new_scene()
+    series = next(p for p in require(LIDC_0001).rglob("*") if p.is_dir() and any(p.glob("*.dcm")))
+    return scene, load_volume(scene, str(series), "LIDC-IDRI-0001")
+
+
+@pytest.fixture(scope="module")
+def processed(lidc_in_slicer, demo_detector):
+    scene, ct = lidc_in_slicer
+    # A coarser scan grid than the default keeps these translation tests fast; detection itself is
+    # tested in test_detect and test_cli.
+    fast = Detector(demo_detector.model, demo_detector.info, "cpu", stride_mm=16.0)
+    logic = DetectionLogic(fast)
+    return logic, logic.process(ct, opacity=0.6, threshold=0.25)
+
+
+def test_volume_node_geometry_round_trips_to_the_engine(lidc_in_slicer):
+    _, ct = lidc_in_slicer
+    from_slicer = image_from_volume_node(ct)
+    from_engine = read_ct(LIDC_0001)
+    assert from_slicer.GetSize() == from_engine.GetSize()
+    assert np.allclose(from_slicer.GetSpacing(), from_engine.GetSpacing(), atol=1e-4)
+    assert np.allclose(from_slicer.GetOrigin(), from_engine.GetOrigin(), atol=1e-3)
+    assert np.allclose(from_slicer.GetDirection(), from_engine.GetDirection(), atol=1e-6)
+    assert np.array_equal(sitk.GetArrayViewFromImage(from_slicer), sitk.GetArrayViewFromImage(from_engine))
+
+
+def _node_value_at_ras(node, ras) -> float:
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetRASToIJKMatrix(matrix)
+    ijk = matrix.MultiplyPoint((*ras, 1.0))[:3]
+    i, j, k = (int(round(v)) for v in ijk)
+    return float(slicer.util.arrayFromVolume(node)[k, j, i])
+
+
+def test_heatmap_node_overlays_the_ct_at_the_same_physical_points(processed, lidc_in_slicer):
+    _, ct = lidc_in_slicer
+    _, nodes = processed
+    heat = nodes.result.heatmap
+    array = sitk.GetArrayViewFromImage(heat)
+    hot = np.argwhere(array > 0.5 * array.max())
+    rng = np.random.default_rng(0)
+    for zyx in hot[rng.choice(len(hot), min(20, len(hot)), replace=False)]:
+        lps = heat.TransformIndexToPhysicalPoint([int(v) for v in zyx[::-1]])
+        assert _node_value_at_ras(nodes.heatmap, lps_to_ras(lps)) == pytest.approx(float(array[tuple(zyx)]), abs=1e-5)
+    # Same grid as the CT node: IJK-to-RAS matrices are equal.
+    import vtk
+
+    a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    ct.GetIJKToRASMatrix(a)
+    nodes.heatmap.GetIJKToRASMatrix(b)
+    assert all(abs(a.GetElement(r, c) - b.GetElement(r, c)) < 1e-6 for r in range(4) for c in range(4))
+
+
+def test_slice_views_show_the_heatmap_and_points_sit_on_candidates(processed, lidc_in_slicer):
+    _, ct = lidc_in_slicer
+    _, nodes = processed
+    composites = slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode")
+    assert len(composites) == 3
+    for composite in composites:
+        assert composite.GetBackgroundVolumeID() == ct.GetID()
+        assert composite.GetForegroundVolumeID() == nodes.heatmap.GetID()
+        assert composite.GetForegroundOpacity() == pytest.approx(0.6)
+    display = nodes.heatmap.GetDisplayNode()
+    assert display.GetColorNode().GetName() == "NoduleAI Heat" and display.GetLowerThreshold() == pytest.approx(0.25)
+    candidates = nodes.result.candidates
+    assert nodes.candidates.GetNumberOfControlPoints() == len(candidates) > 0
+    for i, c in enumerate(candidates):
+        assert np.allclose(nodes.candidates.GetNthControlPointPosition(i), c.position_ras, atol=1e-4)
+        assert np.allclose(ras_to_lps(c.position_ras), c.position_lps)
+        assert nodes.candidates.GetNthControlPointLabel(i).startswith(f"{c.rank}: ")
+    rows = DetectionLogic.review_rows(nodes.table)
+    assert [r["rank"] for r in rows] == [c.rank for c in candidates]
+    assert all(r["review"] == "unreviewed" for r in rows)
+
+
+def test_a_second_apply_replaces_instead_of_duplicating(processed, lidc_in_slicer):
+    scene, ct = lidc_in_slicer
+    logic, first = processed
+    before = {cls: scene.GetNumberOfNodesByClass(cls) for cls in
+              ("vtkMRMLScalarVolumeNode", "vtkMRMLMarkupsFiducialNode", "vtkMRMLTableNode", "vtkMRMLColorTableNode")}
+    second = logic.process(ct, opacity=0.3)
+    after = {cls: scene.GetNumberOfNodesByClass(cls) for cls in before}
+    assert before == after
+    assert second.heatmap.GetID() == first.heatmap.GetID() and second.table.GetID() == first.table.GetID()
+    sh = scene.GetSubjectHierarchyNode()
+    folder = sh.GetItemParent(sh.GetItemByDataNode(second.heatmap))
+    assert sh.GetItemName(folder) == "NoduleAI"
+    assert sh.GetItemParent(sh.GetItemByDataNode(ct)) == sh.GetItemParent(folder)
+
+
+def test_review_survives_mrb_save_and_reload_and_exports(processed, lidc_in_slicer, tmp_path):
+    scene, ct = lidc_in_slicer
+    logic, nodes = processed
+    logic.set_review(nodes.table, 0, "accepted", "solid, follow up")
+    if nodes.table.GetNumberOfRows() > 1:
+        logic.set_review(nodes.table, 1, "rejected")
+    with pytest.raises(ValueError):
+        logic.set_review(nodes.table, 0, "maybe")
+    r, a, s = logic.centre_on(nodes.table, 0)
+    red = slicer.util.getNode("vtkMRMLSliceNodeRed")
+    assert red.GetSliceToRAS().GetElement(2, 3) == pytest.approx(s, abs=1e-3)
+    paths = logic.export_review(nodes.table, tmp_path, "LIDC-IDRI-0001")
+    assert "accepted" in paths["csv"].read_text() and "not for diagnosis" in paths["json"].read_text()
+    mrb = tmp_path / "scene.mrb"
+    assert scene.WriteToMRB(str(mrb))
+    reloaded = read_mrb(mrb, tmp_path / "cache")
+    table = reloaded.GetFirstNodeByName(nodes.table.GetName())
+    assert table.GetCellText(0, 6) == "accepted" and table.GetCellText(0, 7) == "solid, follow up"
+    heat = reloaded.GetFirstNodeByName(nodes.heatmap.GetName())
+    assert heat is not None and heat.GetImageData().GetDimensions() == ct.GetImageData().GetDimensions()
