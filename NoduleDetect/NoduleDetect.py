@@ -95,6 +95,8 @@ class NoduleDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self._cancelRequested = False
         self.ui.candidatesTable.connect("cellClicked(int,int)", self.onCandidateClicked)
         self.ui.acceptButton.connect("clicked(bool)", lambda: self.onReview("accepted"))
         self.ui.rejectButton.connect("clicked(bool)", lambda: self.onReview("rejected"))
@@ -137,15 +139,32 @@ class NoduleDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not ensure_dependencies():
             return
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay("NoduleDetect failed.", waitCursor=True):
-            self.ui.progressBar.setValue(10)
-            self.logic.load_model(p.modelPath or None, p.device, p.camMethod or None, p.camLayer or None)
-            self.ui.progressBar.setValue(30)
-            self._nodes = self.logic.process(p.inputVolume, p.opacity, p.threshold)
-            self.ui.progressBar.setValue(100)
+        from noduleai.detect import DetectionCancelled
+
+        self._cancelRequested = False
+        self.ui.cancelButton.enabled = True
+        try:
+            with slicer.util.tryWithErrorDisplay("NoduleDetect failed.", waitCursor=True):
+                self.logic.load_model(p.modelPath or None, p.device, p.camMethod or None, p.camLayer or None)
+                self._nodes = self.logic.process(p.inputVolume, p.opacity, p.threshold, self.onProgress)
+        except DetectionCancelled:
+            self.ui.resultLabel.text = "Cancelled; the scene is unchanged."
+            return
+        finally:
+            self.ui.cancelButton.enabled = False
+        if self._nodes:
             prob = self._nodes.result.scan_probability
             self.ui.resultLabel.text = f"P(nodule) = {prob:.2f}: {'suspicious' if prob >= 0.5 else 'no nodule found'}"
             self.ui.candidatesTable.setMRMLTableNode(self._nodes.table)
+
+    def onProgress(self, fraction: float) -> bool:
+        """Called by the engine while it works: show progress, keep the GUI alive, report a cancel."""
+        self.ui.progressBar.setValue(int(100 * fraction))
+        slicer.app.processEvents()
+        return self._cancelRequested
+
+    def onCancel(self) -> None:
+        self._cancelRequested = True
 
     def onCandidateClicked(self, row: int, _column: int) -> None:
         if self._nodes:
@@ -185,8 +204,8 @@ class NoduleDetectLogic(ScriptedLoadableModuleLogic):
                 raise RuntimeError("No model: choose a checkpoint file (no bundled model is installed yet).")
         return self.impl.load_model(path, device, cam_method, cam_layer)
 
-    def process(self, volume, opacity=0.5, threshold=0.2):
-        return self.impl.process(volume, opacity, threshold)
+    def process(self, volume, opacity=0.5, threshold=0.2, progress=None):
+        return self.impl.process(volume, opacity, threshold, progress)
 
     def centre_on(self, table, row):
         return self.impl.centre_on(table, row)

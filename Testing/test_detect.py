@@ -69,7 +69,9 @@ def _held_out_seed(demo) -> int:
 
 def test_detection_finds_the_held_out_nodule_and_grad_cam_points_at_it(demo_detector, held_out):
     case, ct = held_out
-    result = demo_detector.detect(ct)
+    fractions: list[float] = []
+    result = demo_detector.detect(ct, progress=fractions.append)
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0 and fractions == sorted(fractions)
     assert same_geometry(result.heatmap, ct) and same_geometry(result.probability_map, ct)
     top = result.candidates[0]
     truth = case.nodules[0]

@@ -94,6 +94,18 @@ def test_slice_views_show_the_heatmap_and_points_sit_on_candidates(processed, li
     assert all(r["review"] == "unreviewed" for r in rows)
 
 
+def test_cancel_leaves_the_scene_unchanged_and_progress_is_reported(processed, lidc_in_slicer):
+    from noduleai.detect import DetectionCancelled
+
+    scene, ct = lidc_in_slicer
+    logic, _ = processed
+    before = scene.GetNumberOfNodes()
+    seen: list[float] = []
+    with pytest.raises(DetectionCancelled):
+        logic.process(ct, progress=lambda f: seen.append(f) or f >= 0.1)
+    assert seen == [0.0, 0.1] and scene.GetNumberOfNodes() == before
+
+
 def test_a_second_apply_replaces_instead_of_duplicating(processed, lidc_in_slicer):
     scene, ct = lidc_in_slicer
     logic, first = processed

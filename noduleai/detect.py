@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,13 @@ from noduleai.geometry import image_from_array, lps_to_ras, resample_like
 from noduleai.models import ResNet3D, pick_device
 from noduleai.patches import extract_patch, paste_patch_max
 from noduleai.preprocess import PreprocessedCT, preprocess_ct
+
+
+class DetectionCancelled(RuntimeError):
+    """Raised inside :meth:`Detector.detect` when the progress callback asks to stop."""
+
+
+ProgressCallback = Callable[[float], "bool | None"]
 
 
 @dataclass
@@ -94,6 +102,7 @@ class Detector:
         self.min_probability = min_probability
         self.max_candidates = max_candidates
         self.stride_mm = stride_mm
+        self._progress: ProgressCallback | None = None
         self.source = source
 
     @classmethod
@@ -107,17 +116,29 @@ class Detector:
                 "engine_version": self.info.engine_version, "cam_method": self.cam_method,
                 "cam_layer": self.cam_layer, "device": str(self.device)}
 
-    def detect(self, ct: sitk.Image, progress=None) -> DetectionResult:
-        """Run detection on a CT in HU (validated by :func:`noduleai.io.read_ct`)."""
+    def detect(self, ct: sitk.Image, progress: ProgressCallback | None = None) -> DetectionResult:
+        """Run detection on a CT in HU (validated by :func:`noduleai.io.read_ct`).
+
+        ``progress(fraction)`` is called as work advances; returning True cancels the run
+        (:class:`DetectionCancelled`), which leaves nothing behind.
+        """
+        self._progress = progress
         t0 = time.perf_counter()
+        self._report(0.0)
         pre = preprocess_ct(ct, self.info.preprocess_config)
+        self._report(0.1)
         timings = {"preprocess": time.perf_counter() - t0}
         if self.info.task == "patch":
             result = self._detect_patch(ct, pre, timings)
         else:
             result = self._detect_scan(ct, pre, timings)
         timings["total"] = time.perf_counter() - t0
+        self._report(1.0)
         return result
+
+    def _report(self, fraction: float) -> None:
+        if self._progress is not None and self._progress(fraction):
+            raise DetectionCancelled("detection cancelled")
 
     # -- patch models -------------------------------------------------------------------------------
     def probability_grid(self, volume: np.ndarray, mask: np.ndarray, stride: int) -> np.ndarray:
@@ -128,9 +149,13 @@ class Detector:
         """
         tissue = ndimage.maximum_filter(volume > TISSUE_THRESHOLD, size=stride)[::stride, ::stride, ::stride]
         inside = mask[::stride, ::stride, ::stride] & tissue
-        points = np.argwhere(inside)
+        points = list(np.argwhere(inside) * stride)
+        scores, step = [], 256
+        for i in range(0, len(points), step):  # in chunks, so progress is reported and cancel is heard
+            scores.append(self.score_patches(volume, points[i:i + step]))
+            self._report(0.1 + 0.7 * min(1.0, (i + step) / max(len(points), 1)))
         grid = np.zeros(inside.shape, np.float32)
-        grid[inside] = self.score_patches(volume, list(points * stride))
+        grid[inside] = np.concatenate(scores) if scores else np.zeros(0, np.float32)
         return grid
 
     def score_patches(self, volume: np.ndarray, centres: list[np.ndarray], batch: int = 32) -> np.ndarray:
@@ -168,6 +193,7 @@ class Detector:
             if len(kept) == self.max_candidates:
                 break
         timings["candidates"] = time.perf_counter() - t
+        self._report(0.9)
         t = time.perf_counter()
         cam_volume = np.zeros(volume.shape, np.float32)
         size = self.info.input_size[0]

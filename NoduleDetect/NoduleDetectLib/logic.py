@@ -16,7 +16,7 @@ import slicer
 import vtk
 
 from noduleai import DISCLAIMER
-from noduleai.detect import DetectionResult, Detector
+from noduleai.detect import DetectionResult, Detector, ProgressCallback
 from noduleai.files import atomic_path, write_json_atomic
 from noduleai.geometry import geometry_from_ijk_to_ras, ijk_to_ras_matrix
 from noduleai.io import validate_ct
@@ -106,14 +106,18 @@ class DetectionLogic:
         self.detector = Detector.from_checkpoint(path, device, cam_method=cam_method, cam_layer=cam_layer)
         return self.detector
 
-    def process(self, ct: slicer.vtkMRMLScalarVolumeNode, opacity: float = 0.5,
-                threshold: float = 0.2) -> DetectionNodes:
-        """Detect on ``ct``; create or replace its heatmap, candidate points and table; show them."""
+    def process(self, ct: slicer.vtkMRMLScalarVolumeNode, opacity: float = 0.5, threshold: float = 0.2,
+                progress: ProgressCallback | None = None) -> DetectionNodes:
+        """Detect on ``ct``; create or replace its heatmap, candidate points and table; show them.
+
+        ``progress(fraction)`` returning True cancels (:class:`DetectionCancelled`) before any node is
+        touched, so a cancelled run leaves the scene as it was.
+        """
         if self.detector is None:
             raise RuntimeError("no model loaded: choose the bundled model or a checkpoint file")
         image = image_from_volume_node(ct)
         validate_ct(image, ct.GetName())
-        result = self.detector.detect(image)
+        result = self.detector.detect(image, progress)
         name = ct.GetName()
         heatmap = _reference(ct, HEATMAP_REF, "vtkMRMLScalarVolumeNode", f"{name} NoduleAI heatmap")
         update_volume_node(heatmap, result.heatmap)
