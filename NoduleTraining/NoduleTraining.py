@@ -66,9 +66,13 @@ class NoduleTrainingWidget(ScriptedLoadableModuleWidget):
         self._parameterNode.connectGui(self.ui)
 
     def onStart(self) -> None:
-        p = self._parameterNode
         from NoduleTrainingLib.logic import TrainingParameters
 
+        from NoduleDetect import ensure_dependencies  # one consent dialog for both modules
+
+        if not ensure_dependencies():
+            return
+        p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Could not start training.", waitCursor=True):
             params = TrainingParameters(output_dir=p.outputDirectory, lidc_dir=p.lidcDirectory, task=p.task,
                                         arch=p.arch, epochs=p.epochs, batch_size=p.batchSize, lr=p.learningRate,

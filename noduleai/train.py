@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from noduleai.augment import CTAugmentation3D
 from noduleai.cache import CacheEntry
 from noduleai.checkpoint import STATE_FORMAT, ModelInfo, safe_load, save_model
+from noduleai.config import TrainConfig
 from noduleai.data import PatchDataset, ScanDataset, sample_patch_items, split_by_patient
 from noduleai.evaluate import classification_metrics, write_classification_report
 from noduleai.files import atomic_path, write_json_atomic
@@ -32,36 +32,6 @@ from noduleai.preprocess import PreprocessConfig
 BEST_MODEL = "best_model.pt"
 LAST_STATE = "last_state.pt"
 PROGRESS = "progress.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    """Training parameters. Defaults are the seed article's CONFIG (scan task, ResNet-18, 128^3)."""
-
-    task: str = "scan"
-    arch: str = "resnet18_3d"
-    width: float = 1.0
-    epochs: int = 50
-    batch_size: int = 8
-    lr: float = 2e-4
-    focal_gamma: float = 2.0
-    class_weights: str = "effective"
-    loss: str = "focal"
-    augment: bool = True
-    seed: int = 42
-    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    patch_size: int = 32
-    negatives_per_case: int = 40
-    positive_repeats: int = 4
-    jitter_mm: float = 3.0  # patch task: random offset of the nodule from the patch centre
-    num_workers: int = 0
-    device: str = "auto"
-    max_steps_per_epoch: int | None = None  # cap for CPU demos; None: the whole training set
-    lr_schedule: str = "constant"  # the seed's Adam at a fixed rate; "cosine" anneals to 0 over epochs
-    cam_layer: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from noduleai.config import TrainConfig
+
 LAST_MODEL_KEY = "NoduleAI/LastTrainedModel"
+SEED_RECIPE = TrainConfig()  # the engine's defaults: the seed article's recipe
 
 
 @dataclass
@@ -27,18 +30,18 @@ class TrainingParameters:
     output_dir: str
     lidc_dir: str = ""
     manifest: str = ""
-    task: str = "scan"
-    arch: str = "resnet18_3d"
-    width: float = 1.0
-    epochs: int = 50
-    batch_size: int = 8
-    lr: float = 2e-4
-    focal_gamma: float = 2.0
-    class_weights: str = "effective"
-    augment: bool = True
-    device: str = "auto"
-    max_steps: int | None = None
-    negatives: int = 40
+    task: str = SEED_RECIPE.task
+    arch: str = SEED_RECIPE.arch
+    width: float = SEED_RECIPE.width
+    epochs: int = SEED_RECIPE.epochs
+    batch_size: int = SEED_RECIPE.batch_size
+    lr: float = SEED_RECIPE.lr
+    focal_gamma: float = SEED_RECIPE.focal_gamma
+    class_weights: str = SEED_RECIPE.class_weights
+    augment: bool = SEED_RECIPE.augment
+    device: str = SEED_RECIPE.device
+    max_steps: int | None = SEED_RECIPE.max_steps_per_epoch
+    negatives: int = SEED_RECIPE.negatives_per_case
 
     def command(self, python: str = sys.executable) -> list[str]:
         if bool(self.lidc_dir) == bool(self.manifest):
