@@ -89,6 +89,16 @@ def test_scan_task_trains_on_whole_volumes(tmp_path, cohort):
     model, info = load_model(result.best_model)
     assert info.task == "scan" and info.input_size == (48, 48, 48) and not info.small_input
     assert model(torch.zeros(1, 1, 48, 48, 48)).shape == (1, 2)
+    # Detection with a scan model: one probability, Grad-CAM on the CT's grid, peaks as candidates.
+    from noduleai.detect import Detector
+    from noduleai.geometry import same_geometry
+    from noduleai.io import read_ct
+
+    ct = read_ct(load_manifest(root / "data" / "manifest.json")[0].image_path)
+    result = Detector(model, info, "cpu").detect(ct)
+    assert 0 <= result.scan_probability <= 1 and result.probability_map is None
+    assert same_geometry(result.heatmap, ct)
+    assert all(c.probability <= result.scan_probability + 1e-6 for c in result.candidates)
 
 
 SCRIPT = """
@@ -104,14 +114,15 @@ train(load_cache({cache!r}), config, PATCH_PREPROCESS, {out!r}, progress=False)
 
 def test_a_run_killed_mid_epoch_resumes_to_the_same_result(cohort, tmp_path):
     root, entries = cohort
-    config = _tiny(epochs=3, max_steps_per_epoch=30)  # ~0.3 s a step: the kill lands inside epoch 2
+    # ~30 steps of ~0.3 s an epoch: a kill 1 s after epoch 1 is reported lands inside epoch 2.
+    config = _tiny(epochs=3, max_steps_per_epoch=30, negatives_per_case=40)
     out = tmp_path / "killed"
     code = SCRIPT.format(config=config.to_dict(), cache=str(root / "cache"), out=str(out))
     proc = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (out / PROGRESS).exists() and len((out / PROGRESS).read_text().splitlines()) == 1:
-            time.sleep(1.0)  # well inside epoch 2
+            time.sleep(1.0)
             break
         time.sleep(0.1)
     assert proc.poll() is None, "the run ended before it could be killed"

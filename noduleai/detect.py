@@ -29,7 +29,7 @@ from noduleai import DISCLAIMER, __version__
 from noduleai.cam import cam_to_ct, grad_cam
 from noduleai.candidates import TISSUE_THRESHOLD, blob_centres, inscribed_radius
 from noduleai.checkpoint import ModelInfo, load_model
-from noduleai.geometry import image_from_array, lps_to_ras, resample_like
+from noduleai.geometry import lps_to_ras, resample_like
 from noduleai.models import ResNet3D, pick_device
 from noduleai.patches import extract_patch, paste_patch_max
 from noduleai.preprocess import PreprocessedCT, preprocess_ct
@@ -262,8 +262,3 @@ def _refine(edt: np.ndarray, zyx, spacing: np.ndarray, radius_mm: float = 6.0) -
     within = np.linalg.norm(offsets * spacing, axis=-1) <= radius_mm
     best = np.unravel_index(np.argmax(np.where(within, window, 0)), window.shape)
     return (lo + np.asarray(best)).astype(float), float(2 * window[best])
-
-
-def heatmap_image(array: np.ndarray, like: sitk.Image) -> sitk.Image:
-    """A float32 heatmap image with the geometry of ``like`` (for callers holding arrays)."""
-    return image_from_array(np.asarray(array, np.float32), like)
