@@ -16,8 +16,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
-from noduleai import DISCLAIMER  # noqa: E402
 from noduleai.files import atomic_path  # noqa: E402
+from noduleai.render import save_figure  # noqa: E402
 
 CPM_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 SIZE_BINS = (("<5 mm", 0.0, 5.0), ("5-10 mm", 5.0, 10.0), (">10 mm", 10.0, float("inf")))
@@ -42,13 +42,6 @@ def classification_metrics(y_true: Sequence[int], prob_positive: Sequence[float]
     }
 
 
-def _save_figure(fig, path: Path) -> None:
-    fig.text(0.01, 0.01, DISCLAIMER, fontsize=8, color="gray")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
 def plot_roc(y_true: Sequence[int], prob_positive: Sequence[float], path: str | os.PathLike) -> None:
     """The seed's ROC figure."""
     fpr, tpr, _ = skm.roc_curve(y_true, prob_positive)
@@ -58,7 +51,7 @@ def plot_roc(y_true: Sequence[int], prob_positive: Sequence[float], path: str | 
     ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="False Positive Rate", ylabel="True Positive Rate",
            title="Receiver Operating Characteristic")
     ax.legend(loc="lower right")
-    _save_figure(fig, Path(path))
+    save_figure(fig, path)
 
 
 def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: str | os.PathLike) -> None:
@@ -70,7 +63,7 @@ def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], 
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black")
     ax.set(xticks=range(len(class_names)), yticks=range(len(class_names)), xticklabels=class_names,
            yticklabels=class_names, xlabel="Predicted", ylabel="True", title="Confusion Matrix")
-    _save_figure(fig, Path(path))
+    save_figure(fig, path)
 
 
 def write_classification_report(out_dir: str | os.PathLike, y_true: Sequence[int], prob_positive: Sequence[float],
@@ -156,7 +149,7 @@ def plot_froc(result: FrocResult, path: str | os.PathLike, label: str = "model")
            title=f"FROC ({result.n_nodules} nodules, {result.n_scans} scans)")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
-    _save_figure(fig, Path(path))
+    save_figure(fig, path)
 
 
 def size_table(truths: Sequence[Sequence[tuple[Sequence[float], float]]], result: FrocResult,

@@ -20,6 +20,14 @@ PLANES = ("axial", "coronal", "sagittal")
 LUNG_WINDOW = (-1000.0, 400.0)
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
+    """Stamp the disclaimer on a figure, write it as PNG atomically, and close it."""
+    fig.text(0.01, 0.01, DISCLAIMER, fontsize=8, color="gray")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+
+
 def render_overlays(ct: sitk.Image, heatmap: sitk.Image, point_lps: Sequence[float],
                     paths: dict[str, str | os.PathLike], title: str = "", threshold: float = 0.2,
                     opacity: float = 0.5) -> None:
@@ -50,8 +58,5 @@ def render_overlays(ct: sitk.Image, heatmap: sitk.Image, point_lps: Sequence[flo
         ax.plot([mc], [mr], marker="o", markersize=18, markerfacecolor="none", markeredgecolor="cyan")
         ax.set_title(f"{title} {plane}".strip(), fontsize=10)
         ax.axis("off")
-        fig.text(0.01, 0.01, DISCLAIMER, fontsize=8, color="gray")
         fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
-        plt.close(fig)
+        save_figure(fig, path, dpi=90)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from noduleai.augment import CTAugmentation3D
 from noduleai.cache import CacheEntry
-from noduleai.checkpoint import STATE_FORMAT, ModelInfo, safe_load, save_model
+from noduleai.checkpoint import STATE_FORMAT, ModelInfo, load_model, safe_load, save_model
 from noduleai.config import TrainConfig
 from noduleai.data import PatchDataset, ScanDataset, sample_patch_items, split_by_patient
 from noduleai.evaluate import classification_metrics, write_classification_report
@@ -220,8 +220,6 @@ def train(entries: Sequence[CacheEntry], config: TrainConfig, preprocess: Prepro
 
 def _final_test(out: Path, test_set: Dataset, config: TrainConfig, device: torch.device) -> dict[str, Any]:
     """Evaluate the best model on the held-out test part and record the metrics in its checkpoint."""
-    from noduleai.checkpoint import load_model  # local: avoids a cycle in type-only use
-
     if not (out / BEST_MODEL).exists() or len(test_set) == 0:
         return {}
     model, info = load_model(out / BEST_MODEL, device)
