@@ -201,7 +201,8 @@ class NoduleDetectLogic(ScriptedLoadableModuleLogic):
 
             path = bundled_model_path() or NoduleTrainingLastModel()
             if not path:
-                raise RuntimeError("No model: choose a checkpoint file (no bundled model is installed yet).")
+                raise RuntimeError("No model: the bundled model is missing from Resources/Models; "
+                                   "choose a checkpoint file.")
         return self.impl.load_model(path, device, cam_method, cam_layer)
 
     def process(self, volume, opacity=0.5, threshold=0.2, progress=None):

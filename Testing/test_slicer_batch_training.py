@@ -130,11 +130,14 @@ def test_engine_files_and_bundled_models_are_listed_and_the_extension_is_complet
     engine = REPO / "noduleai"
     scripts = _cmake_lists(engine / "CMakeLists.txt", "ENGINE_PYTHON_SCRIPTS")
     assert set(scripts) == {p.name for p in engine.glob("*.py")}
-    text = (engine / "CMakeLists.txt").read_text()
-    models = {p.relative_to(engine).as_posix() for p in engine.rglob("*") if p.suffix in (".pt", ".md")}
-    for model in models:
-        assert model in text, f"bundled {model} not in noduleai/CMakeLists.txt"
     top = (REPO / "CMakeLists.txt").read_text()
+    from noduleai.checkpoint import bundled_model_path, bundled_models_dir
+
+    shipped = sorted(bundled_models_dir().glob("*"))
+    assert bundled_model_path() in shipped and bundled_model_path().with_suffix(".md") in shipped
+    for path in shipped:
+        assert f"Resources/Models/{path.name}" in top, f"bundled {path.name} not in CMakeLists.txt"
+    assert not list(engine.rglob("*.pt")), "models belong in Resources/Models"
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in top
     for sub in ("noduleai", "NoduleDetect", "NoduleTraining"):
         assert f"add_subdirectory({sub})" in top

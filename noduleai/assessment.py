@@ -3,25 +3,41 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from noduleai import DISCLAIMER
-from noduleai.detect import Detector
+from noduleai.detect import Candidate, DetectionResult, Detector
 from noduleai.evaluate import froc, plot_froc, size_table, write_classification_report
 from noduleai.files import atomic_path, write_json_atomic
 from noduleai.io import read_ct
-from noduleai.records import CaseRecord
+from noduleai.records import CaseRecord, NoduleRecord
+
+
+def nodule_hit(candidates: Sequence[Candidate], nodule: NoduleRecord) -> dict[str, Any]:
+    """The best-ranked candidate within the nodule's radius (the FROC hit rule): rank and probability,
+    or None for both when no candidate hits it."""
+    for c in sorted(candidates, key=lambda c: c.rank):
+        if np.linalg.norm(np.subtract(c.position_lps, nodule.center_lps)) <= nodule.diameter_mm / 2:
+            return {"diameter_mm": nodule.diameter_mm, "texture": nodule.texture, "rank": c.rank,
+                    "probability": c.probability}
+    return {"diameter_mm": nodule.diameter_mm, "texture": nodule.texture, "rank": None, "probability": None}
 
 
 def evaluate_cases(detector: Detector, cases: Sequence[CaseRecord], out_dir: str | os.PathLike,
-                   threshold: float = 0.5, progress: bool = True) -> dict[str, Any]:
+                   threshold: float = 0.5, progress: bool = True,
+                   on_result: Callable[[CaseRecord, DetectionResult], None] | None = None) -> dict[str, Any]:
     """Detect on every case and write ``evaluation.json``, ``test_results.csv``, ROC, confusion matrix,
-    ``froc.png``, ``froc.csv``, ``by_size.csv`` and ``by_texture.csv`` into ``out_dir``."""
+    ``froc.png``, ``froc.csv``, ``by_size.csv`` and ``by_texture.csv`` into ``out_dir``.
+
+    ``detector`` is anything with ``detect(ct)``, ``describe()`` and ``info.name`` (the model's
+    :class:`Detector`, or a baseline); ``on_result`` sees each case's full result (e.g. its heatmap).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels, scan_probs, detections, truths, failures, per_case = [], [], [], [], [], []
@@ -31,12 +47,15 @@ def evaluate_cases(detector: Detector, cases: Sequence[CaseRecord], out_dir: str
         except Exception as err:  # recorded, and the evaluation goes on
             failures.append({"case": case.case_id, "error": str(err)})
             continue
+        if on_result is not None:
+            on_result(case, result)
         labels.append(case.label)
         scan_probs.append(result.scan_probability)
         detections.append([(c.position_lps, c.probability) for c in result.candidates])
         truths.append([(n.center_lps, n.diameter_mm) for n in case.nodules])
         per_case.append({"case": case.case_id, "label": case.label, "scan_probability": result.scan_probability,
-                         "n_candidates": len(result.candidates), "n_nodules": len(case.nodules)})
+                         "n_candidates": len(result.candidates), "n_nodules": len(case.nodules),
+                         "nodules": [nodule_hit(result.candidates, n) for n in case.nodules]})
     summary: dict[str, Any] = {"disclaimer": DISCLAIMER, "model": detector.describe(), "cases": len(per_case),
                                "failures": failures, "per_case": per_case}
     if per_case:

@@ -122,8 +122,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     return model.to(device).eval(), info
 
 
+def bundled_models_dir() -> Path:
+    """``Resources/Models`` beside the engine package: in a source checkout and, as the extension's
+    CMake installs it, beside ``noduleai`` in Slicer's scripted-modules folder."""
+    return Path(__file__).resolve().parent.parent / "Resources" / "Models"
+
+
 def bundled_model_path() -> Path | None:
-    """The model shipped with the package, when there is one."""
-    here = Path(__file__).resolve().parent / "weights"
+    """The model shipped with NoduleAI, when there is one."""
+    here = bundled_models_dir()
     found = sorted(here.glob("*.pt")) if here.is_dir() else []
     return found[0] if found else None

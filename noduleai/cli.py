@@ -218,6 +218,14 @@ def cmd_demo(args) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------------------
+def cmd_build_model(args) -> int:
+    from noduleai.recipe import build_bundled_model
+
+    build_bundled_model(args.data, args.work, Path(args.install_dir) if args.install_dir else None, args.epochs,
+                        progress=not args.quiet)
+    return EXIT_OK
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--manifest", help="case manifest JSON (written by `noduleai demo` or by hand)")
@@ -287,6 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="all", choices=["all", "test"], help="test: the model's held-out cases")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("build-model", help="regenerate the bundled model: lesion insertion into the shared real CTs"
+                                          " -> training -> evaluation against a baseline -> model card")
+    p.add_argument("--data", required=True, help="the shared data folder (LIDC-IDRI/, radiomics/, totalsegmentator/)")
+    p.add_argument("--work", default="noduleai-output/bundled-model", help="work folder (cohorts, cache, run)")
+    p.add_argument("--install-dir", help="where the model and its card go (default: Resources/Models)")
+    p.add_argument("--epochs", type=int, default=12)
+    p.set_defaults(func=cmd_build_model)
 
     p = sub.add_parser("demo", help="phantoms -> train -> evaluate -> detect, on the CPU, no download")
     p.add_argument("--out", default="noduleai-output/demo")

@@ -25,8 +25,8 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def model_card(info: ModelInfo, data_description: str, limits: list[str]) -> str:
-    """Markdown text of the card."""
+def model_card(info: ModelInfo, data_description: str, limits: list[str], extra: str = "") -> str:
+    """Markdown text of the card; ``extra`` (markdown) is appended, e.g. a detection evaluation."""
     td = info.training_data
     return f"""# Model card: {info.name}
 
@@ -53,9 +53,10 @@ def model_card(info: ModelInfo, data_description: str, limits: list[str]) -> str
 
 ## Measured metrics (best epoch {info.metrics.get('best_epoch')}, threshold 0.5)
 {_metrics_table(info.metrics)}
-"""
+""" + extra
 
 
-def write_model_card(path: str | os.PathLike, info: ModelInfo, data_description: str, limits: list[str]) -> None:
+def write_model_card(path: str | os.PathLike, info: ModelInfo, data_description: str, limits: list[str],
+                     extra: str = "") -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(model_card(info, data_description, limits))
+        tmp.write_text(model_card(info, data_description, limits, extra))

@@ -60,3 +60,39 @@ def render_overlays(ct: sitk.Image, heatmap: sitk.Image, point_lps: Sequence[flo
         ax.axis("off")
         fig.tight_layout()
         save_figure(fig, path, dpi=90)
+
+
+def _crop_around(ct: sitk.Image, point_lps: Sequence[float], half_mm: float, plane: str,
+                 step_mm: float = 0.5) -> np.ndarray:
+    """A square section (``2 * half_mm`` wide, ``step_mm`` pixels) through ``point_lps``, LPS-aligned."""
+    n = int(round(2 * half_mm / step_mm))
+    axes = {"axial": (0, 1), "coronal": (0, 2)}[plane]  # display columns, rows (rows increase down)
+    grid = sitk.Image([n, n, 1], sitk.sitkFloat32)
+    spacing = [step_mm, step_mm, step_mm]
+    direction = np.zeros((3, 3))
+    direction[axes[0], 0] = 1.0
+    direction[axes[1], 1] = 1.0 if plane == "axial" else -1.0  # coronal: superior up
+    direction[:, 2] = np.cross(direction[:, 0], direction[:, 1])
+    grid.SetSpacing(spacing)
+    grid.SetDirection(tuple(direction.ravel()))
+    grid.SetOrigin(tuple(np.asarray(point_lps) - direction[:, :2] @ np.full(2, half_mm)))
+    section = sitk.Resample(ct, grid, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(section)[0]
+
+
+def plot_lesion_gallery(items: Sequence[tuple[str, sitk.Image, Sequence[float]]], path: str | os.PathLike,
+                        half_mm: float = 24.0, columns: int = 6) -> None:
+    """Axial and coronal 48 mm sections (lung window) through each ``(title, ct, point_lps)``."""
+    rows = int(np.ceil(len(items) / columns))
+    fig, axes = plt.subplots(2 * rows, columns, figsize=(2.2 * columns, 4.6 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k, (title, ct, point) in enumerate(items):
+        r, c = divmod(k, columns)
+        for p, plane in enumerate(("axial", "coronal")):
+            ax = axes[2 * r + p, c]
+            ax.imshow(_crop_around(ct, point, half_mm, plane), cmap="gray", vmin=LUNG_WINDOW[0],
+                      vmax=LUNG_WINDOW[1])
+            ax.set_title(f"{title}\n{plane}" if p == 0 else plane, fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    save_figure(fig, path, dpi=110)

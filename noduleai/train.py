@@ -252,4 +252,5 @@ def _data_summary(entries, parts, train_set, config: TrainConfig) -> dict[str, A
     return {"cases": len(entries), "patients": len({e.patient_id for e in entries}),
             "split_cases": [len(p) for p in parts], "train_samples": len(labels),
             "train_positives": int(sum(labels)), "task": config.task,
+            "validation_cases": [entries[i].case_id for i in parts[1]],
             "test_cases": [entries[i].case_id for i in parts[2]]}
