@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the shared data folder (LIDC-IDRI/, radiomics/, totalsegmentator/)")
     p.add_argument("--work", default="noduleai-output/bundled-model", help="work folder (cohorts, cache, run)")
     p.add_argument("--install-dir", help="where the model and its card go (default: Resources/Models)")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=8, help="first stage (the fine-tuning stage has 4)")
     p.set_defaults(func=cmd_build_model)
 
     p = sub.add_parser("demo", help="phantoms -> train -> evaluate -> detect, on the CPU, no download")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,14 +59,16 @@ class PatchItem:
 
 
 def sample_patch_items(entries: Sequence[CacheEntry], negatives_per_case: int = 40, seed: int = 0,
-                       min_diameter_mm: float = 3.0, positive_repeats: int = 1,
-                       clearance_mm: float = 5.0) -> list[PatchItem]:
+                       min_diameter_mm: float = 3.0, positive_repeats: int = 1, clearance_mm: float = 5.0,
+                       hard_negatives: Mapping[str, Sequence[Sequence[float]]] | None = None) -> list[PatchItem]:
     """Positives at every nodule >= ``min_diameter_mm`` (each ``positive_repeats`` times: the dataset
     jitters every copy differently); negatives of four kinds per case.
 
     40 % are compact blobs found by the detector's own candidate generator (vessel crossings, thick
     vessels: the hard negatives), 20 % dense tissue (vessels, airway walls), 20 % pleura, 20 % anywhere
     in the lung. Negatives keep clear of every annotated nodule (radius + ``clearance_mm``).
+    ``hard_negatives`` (case id -> voxel centres, e.g. a first model's false positives) are added as
+    negatives of kind "mined".
     """
     rng = np.random.default_rng(seed)
     items: list[PatchItem] = []
@@ -99,6 +101,8 @@ def sample_patch_items(entries: Sequence[CacheEntry], negatives_per_case: int = 
                 picks = picks[(dist > clearance).all(axis=1)]
             for p in picks[:counts[kind]]:
                 items.append(PatchItem(k, tuple(float(v) for v in p), 0, 0.0, kind))
+        for p in (hard_negatives or {}).get(entry.case_id, []):
+            items.append(PatchItem(k, tuple(float(v) for v in p), 0, 0.0, "mined"))
     return items
 
 

@@ -28,7 +28,7 @@ PATCH_HALF_MM = 24.0  # half the patch's field of view: a lesion this far beyond
 SEED = 2026
 
 
-def bundled_config(epochs: int = 12) -> TrainConfig:
+def bundled_config(epochs: int = 8) -> TrainConfig:
     """Class-weighted cross-entropy, cosine rate, positives jittered by 4 mm (Grad-CAM must find the
     nodule, not the patch centre); ResNet-10 at width 0.125 (225 k parameters, 0.9 MB).
 
@@ -40,6 +40,14 @@ def bundled_config(epochs: int = 12) -> TrainConfig:
                        lr_schedule="cosine", loss="ce", class_weights="inverse", augment=False, seed=SEED,
                        patch_size=32, negatives_per_case=80, positive_repeats=4, jitter_mm=4.0,
                        max_steps_per_epoch=125, device="auto")
+
+
+def fine_tune_config() -> TrainConfig:
+    """The second stage: the same model and data plus the first model's false positives, at a third of
+    the rate (measured: the first stage alone ranked 19 false positives per real CT above 0.5)."""
+    config = bundled_config(epochs=4)
+    config.lr = 3e-4
+    return config
 
 
 @dataclass
@@ -67,6 +75,14 @@ class RecipePaths:
     @property
     def run(self) -> Path:
         return self.root / "run"
+
+    @property
+    def hard_negatives(self) -> Path:
+        return self.root / "hard_negatives.json"
+
+    @property
+    def run_mined(self) -> Path:
+        return self.root / "run_mined"
 
     @property
     def evaluation(self) -> Path:
@@ -142,16 +158,54 @@ def build_cohorts(data_root: str | os.PathLike, paths: RecipePaths, n_train: int
     return cohorts
 
 
-def train_bundled(data_root: str | os.PathLike, work_dir: str | os.PathLike, epochs: int = 12,
+def mine_hard_negatives(model_path: Path, cases, entries, out: Path, stride_mm: float = 12.0,
+                        clearance_mm: float = 5.0, progress: bool = True) -> dict[str, list[list[float]]]:
+    """The first model's false positives on the training CTs (candidates clear of every nodule by its
+    radius + ``clearance_mm``), as cached voxel centres per case; kept in ``out`` (JSON) and reused.
+
+    Found by the detector's own pipeline, so the second stage learns exactly the places where
+    detection goes wrong (vessel crossings, hilum, chest wall); a coarser grid than detection's keeps
+    this to ~15 s a CT, the blob proposals are searched in full.
+    """
+    import json
+
+    from tqdm import tqdm
+
+    from noduleai.detect import Detector
+    from noduleai.files import write_json_atomic
+    from noduleai.geometry import lps_to_array_index
+    from noduleai.io import read_ct
+
+    mined = json.loads(out.read_text()) if out.exists() else {}
+    detector = Detector.from_checkpoint(model_path, "auto", min_probability=0.2, max_candidates=40,
+                                        stride_mm=stride_mm)
+    by_id = {e.case_id: e for e in entries}
+    for case in tqdm([c for c in cases if c.case_id not in mined and c.case_id in by_id], desc="mine",
+                     unit="scan", disable=not progress):
+        result = detector.detect(read_ct(case.image_path))
+        reference = by_id[case.case_id].reference_image()
+        mined[case.case_id] = [
+            [float(v) for v in lps_to_array_index(reference, c.position_lps)] for c in result.candidates
+            if all(np.linalg.norm(np.subtract(c.position_lps, n.center_lps)) > n.diameter_mm / 2 + clearance_mm
+                   for n in case.nodules)]
+        write_json_atomic(mined, out)
+    return mined
+
+
+def train_bundled(data_root: str | os.PathLike, work_dir: str | os.PathLike, epochs: int = 8,
                   progress: bool = True):
-    """Build the cohorts, cache them with the shared preprocessing and train (resumable)."""
+    """Build the cohorts, cache them with the shared preprocessing, train; then mine the model's false
+    positives on the training CTs and fine-tune with them (every stage resumable)."""
     from noduleai.cache import build_cache
     from noduleai.train import train
 
     paths = RecipePaths(Path(work_dir))
     cohorts = build_cohorts(data_root, paths, progress=progress)
     entries, _ = build_cache(cohorts["train"], BUNDLED_PREPROCESS, paths.cache, workers=2, progress=progress)
-    return train(entries, bundled_config(epochs), BUNDLED_PREPROCESS, paths.run, progress=progress)
+    first = train(entries, bundled_config(epochs), BUNDLED_PREPROCESS, paths.run, progress=progress)
+    mined = mine_hard_negatives(first.best_model, cohorts["train"], entries, paths.hard_negatives, progress=progress)
+    return train(entries, fine_tune_config(), BUNDLED_PREPROCESS, paths.run_mined, progress=progress,
+                 hard_negatives=mined, init_model=first.best_model)
 
 
 # -- evaluation ------------------------------------------------------------------------------------
@@ -190,7 +244,7 @@ def real_lesion_cases(files: dict[str, Path]):
     clusters = query_scans(["LIDC-IDRI-0001"])[0].cluster_annotations(verbose=False)
     lidc_label = np.zeros(sitk.GetArrayViewFromImage(lidc_ct).shape, np.uint8)
     for k, cluster in enumerate(clusters, 1):
-        lidc_label[sitk.GetArrayViewFromImage(consensus_mask(cluster, lidc_ct)) > 0] = k
+        lidc_label[sitk.GetArrayFromImage(consensus_mask(cluster, lidc_ct)) > 0] = k
     centre, diameter = lesion_of_label(files["lung1_label"])
     lung1 = CaseRecord("radiomics-lung1", "radiomics-lung1", str(files["lung1"]), 1,
                        [NoduleRecord(centre, diameter, None)])
@@ -396,7 +450,7 @@ def install_bundled(model, info, evaluation_md: str, dest_dir: Path, data_text: 
 
 
 def build_bundled_model(data_root: str | os.PathLike, work_dir: str | os.PathLike, install_dir: Path | None,
-                        epochs: int = 12, progress: bool = True) -> dict:
+                        epochs: int = 8, progress: bool = True) -> dict:
     """The whole recipe: cohorts, training, CAM choice, evaluation against the baseline, card, install."""
     import json
 

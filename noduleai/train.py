@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,8 @@ def _distributed() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _datasets(entries: Sequence[CacheEntry], parts, config: TrainConfig) -> list[Dataset]:
+def _datasets(entries: Sequence[CacheEntry], parts, config: TrainConfig,
+              hard_negatives: Mapping[str, Sequence[Sequence[float]]] | None = None) -> list[Dataset]:
     augment = None
     if config.augment:
         # The seed's shift of +-10 voxels is meant for 128^3 scans; a patch gets the same fraction.
@@ -75,7 +76,8 @@ def _datasets(entries: Sequence[CacheEntry], parts, config: TrainConfig) -> list
         subset = [entries[i] for i in part]
         # Only training copies positives; validation and test count every nodule once.
         repeats = config.positive_repeats if k == 0 else 1
-        items = sample_patch_items(subset, config.negatives_per_case, seed=config.seed + k, positive_repeats=repeats)
+        items = sample_patch_items(subset, config.negatives_per_case, seed=config.seed + k, positive_repeats=repeats,
+                                   hard_negatives=hard_negatives)
         sets.append(PatchDataset(subset, items, config.patch_size, augment if k == 0 else None,
                                  jitter_mm=config.jitter_mm if k == 0 else 0.0, seed=config.seed))
     return sets
@@ -99,13 +101,17 @@ def _score(metrics: dict[str, Any], val_loss: float) -> float:
 def train(entries: Sequence[CacheEntry], config: TrainConfig, preprocess: PreprocessConfig,
           out_dir: str | os.PathLike, resume: bool = True, progress: bool = True,
           on_epoch: Callable[[dict[str, float]], None] | None = None,
-          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+          should_stop: Callable[[], bool] | None = None,
+          hard_negatives: Mapping[str, Sequence[Sequence[float]]] | None = None,
+          init_model: str | os.PathLike | None = None) -> TrainResult:
     """Train on cached ``entries``; checkpoints go to ``out_dir``.
 
     Every epoch writes ``last_state.pt`` atomically; a run killed at any moment resumes from its last
     completed epoch (per-epoch reseeding makes the resumed run identical to an uninterrupted one on
     the CPU). The best validation model is ``best_model.pt``; at the end it is evaluated on the test
     part and the seed's report (``test_results.csv``, ROC, confusion matrix) is written.
+    ``hard_negatives`` (case id -> cached voxel centres) join the negatives of every part;
+    ``init_model`` (a model checkpoint of the same architecture) starts a fine-tuning run.
     """
     out = Path(out_dir)
     rank, world = _distributed()
@@ -116,7 +122,7 @@ def train(entries: Sequence[CacheEntry], config: TrainConfig, preprocess: Prepro
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     parts = split_by_patient(entries, config.split, config.seed)
-    train_set, val_set, test_set = _datasets(entries, parts, config)
+    train_set, val_set, test_set = _datasets(entries, parts, config, hard_negatives)
     if len(train_set) == 0 or len(val_set) == 0:
         raise ValueError(f"too little data: {len(entries)} cases give {len(train_set)} training and "
                          f"{len(val_set)} validation samples")
@@ -125,7 +131,10 @@ def train(entries: Sequence[CacheEntry], config: TrainConfig, preprocess: Prepro
                      width=config.width, small_input=config.task == "patch",
                      cam_layer=config.cam_layer or ("layer3" if config.task == "patch" else "layer4"),
                      training_data=_data_summary(entries, parts, train_set, config))
-    model = info.build().to(device)
+    model = info.build()
+    if init_model is not None:
+        model.load_state_dict(load_model(init_model)[0].state_dict())
+    model = model.to(device)
     weights = calculate_class_weights(train_set.labels(), 2, config.class_weights)
     loss_fn = make_loss(config.loss, weights.to(device), config.focal_gamma)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -231,8 +240,8 @@ def _final_test(out: Path, test_set: Dataset, config: TrainConfig, device: torch
 
 
 def _lr_factor(config: TrainConfig, epoch: int) -> float:
-    if config.lr_schedule == "cosine":
-        return 0.5 * (1 + np.cos(np.pi * min(epoch, config.epochs) / max(config.epochs, 1)))
+    if config.lr_schedule == "cosine":  # a Python float: a numpy scalar in the state would fail weights_only
+        return float(0.5 * (1 + np.cos(np.pi * min(epoch, config.epochs) / max(config.epochs, 1))))
     return 1.0
 
 
