@@ -77,6 +77,17 @@ def test_cpu_training_is_repeatable_and_writes_the_seed_report(cohort, tmp_path)
     assert info.preprocess_config == PATCH_PREPROCESS
     assert "validation" in info.metrics and "test" in info.metrics
     assert set(info.training_data["test_cases"]) <= {e.case_id for e in entries}
+    # Fine-tuning: mined false positives join the negatives, and a run starts from a given model
+    # (at rate 0 it must end exactly there).
+    mined = {entries[0].case_id: [[10.0, 20.0, 30.0], [12.0, 22.0, 32.0]]}
+    items = sample_patch_items(entries, negatives_per_case=6, seed=0, hard_negatives=mined)
+    assert [it.center_zyx for it in items if it.kind == "mined"] == [(10.0, 20.0, 30.0), (12.0, 22.0, 32.0)]
+    assert all(it.label == 0 and it.entry == 0 for it in items if it.kind == "mined")
+    tuned = train(entries, _tiny(epochs=1, lr=0.0), PATCH_PREPROCESS, tmp_path / "tuned", progress=False,
+                  hard_negatives=mined, init_model=a.best_model)
+    start, end = load_model(a.best_model)[0], load_model(tuned.best_model)[0]
+    for x, y in zip(start.parameters(), end.parameters()):  # BatchNorm statistics do move; weights not
+        assert torch.equal(x, y)
 
 
 def test_scan_task_trains_on_whole_volumes(tmp_path, cohort):

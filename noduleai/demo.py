@@ -16,7 +16,7 @@ import torch
 from noduleai import DISCLAIMER
 from noduleai.assessment import evaluate_cases
 from noduleai.cache import build_cache
-from noduleai.checkpoint import load_model, save_model
+from noduleai.checkpoint import bundled_model_path, load_model, save_model
 from noduleai.detect import Detector
 from noduleai.io import read_ct
 from noduleai.modelcard import write_model_card
@@ -100,7 +100,10 @@ def run_demo(out_dir: str | os.PathLike = "noduleai-output/demo", n_cases: int =
     files = write_detection(detector.detect(ct), ct, out / "detection", held_out.case_id)
     from noduleai.cli import _print_evaluation  # the CLI owns console formatting
 
-    say(f"\nModel used: {DEMO_MODEL_NAME} (trained just now on phantoms; not the bundled model)")
+    bundled = bundled_model_path()
+    default = f"{bundled.name} (card {bundled.with_suffix('.md').name})" if bundled else "none installed"
+    say(f"\nModel used: {DEMO_MODEL_NAME} (trained just now on phantoms). `noduleai detect` and NoduleDetect "
+        f"use the bundled model by default: {default}.")
     if verbose:
         _print_evaluation(evaluation)
     say(f"\nDone in {time.perf_counter() - t0:.0f} s. Results in {out.resolve()}:")
