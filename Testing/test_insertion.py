@@ -137,3 +137,22 @@ def test_heatmap_pointing_rule():
     beside = sitk.GetImageFromArray(heat)
     assert not peak_inside(beside, label, beside.TransformIndexToPhysicalPoint([10, 10, 10]), 2.0)
     assert not peak_inside(image, label, image.TransformIndexToPhysicalPoint([10, 10, 10]), 2.0)
+
+
+def test_the_seeds_scan_experiment_keeps_its_recipe_and_gets_half_negative_cohorts(shapes, tmp_path):
+    from noduleai.config import TrainConfig
+    from noduleai.scan_experiment import SCAN_PREPROCESS, blob_scan_scores, build_scan_cohort, scan_experiment_config
+
+    config, seed = scan_experiment_config().to_dict(), TrainConfig().to_dict()
+    assert {k for k in config if config[k] != seed[k]} == {"width", "seed"}, "only narrower, own seed"
+    assert SCAN_PREPROCESS.output_size == (128, 128, 128)
+    hosts = [Host.from_image("phantomA", make_phantom(11, n_nodules=0).image)]
+    cases = build_scan_cohort(hosts, shapes, tmp_path / "scan", n_cases=8)
+    positives = [c for c in cases if c.label]
+    assert 0 < len(positives) < len(cases), "both classes"
+    assert all(1 <= len(c.nodules) <= 3 for c in positives)
+    assert all(not c.nodules for c in cases if not c.label)
+    again = build_scan_cohort(hosts, shapes, tmp_path / "scan", n_cases=8)  # reused, not rewritten
+    assert [(c.case_id, c.image_path) for c in again] == [(c.case_id, c.image_path) for c in cases]
+    scores = blob_scan_scores(cases)
+    assert len(scores) == len(cases) and all(0.0 <= s < 1.0 for s in scores)

