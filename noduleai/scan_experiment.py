@@ -25,7 +25,7 @@ SCAN_DATA = (
     "LIDC reader outlines inserted (3-30 mm, from LIDC patients of the patch model's training part), half "
     "without; split 70/15/15 by case. LIDC-IDRI data: Armato et al., Med Phys 2011; TCIA, CC BY 3.0.")
 SCAN_LIMITS = [
-    "A reproduction of a teaching experiment, not a detector: one probability per CT, from 40-odd training "
+    "A reproduction of a teaching experiment, not a detector: one probability per CT, from a few dozen training "
     "CTs of four hosts.",
     "At 128^3 over the whole lung crop a voxel is about 2.5 mm: nodules under ~8 mm are a few voxels.",
     "Trained without real LIDC pixels at scale (inserted lesions only); the test part is a dozen CTs.",
@@ -83,7 +83,7 @@ def run_scan_experiment(data_root: str | os.PathLike, work_dir: str | os.PathLik
     entries, _ = build_cache(cases, SCAN_PREPROCESS, paths.root / "scan_cache", workers=2, progress=progress)
     config = scan_experiment_config(epochs)
     result = train(entries, config, SCAN_PREPROCESS, paths.root / "scan_run", progress=progress)
-    test_ids = {e.case_id for e in split_by_patient(entries, config.split, config.seed)[2]}
+    test_ids = {entries[i].case_id for i in split_by_patient(entries, config.split, config.seed)[2]}
     test_cases = [c for c in cases if c.case_id in test_ids]
     labels = [c.label for c in test_cases]
     blob = classification_metrics(labels, blob_scan_scores(test_cases))
