@@ -211,7 +211,7 @@ def test_red_slice_picture_of_the_real_lidc_nodule_shows_its_heat(processed, lid
     scene, _ = lidc_in_slicer
     processed[0].process(lidc_in_slicer[1], opacity=0.6, threshold=0.25)  # back to the fixture's settings
     rgb, (x, y), pixel_mm = _render_red_slice(scene, lps_to_ras(LIDC_0001_NODULE_LPS), tmp_path / "red.png")
-    chroma = rgb.max(-1) - rgb.min(-1)
+    coloured = (rgb.max(-1) - rgb.min(-1)) > 20  # the grey CT has no chroma at all
     near = int(np.ceil(LIDC_0001_NODULE_RADIUS_MM / 2 / pixel_mm))
-    assert chroma[y - near:y + near + 1, x - near:x + near + 1].max() > 60, "heat colours at the nodule"
-    assert (chroma > 30).mean() < 0.15, "heat is local, not a wash over the slice"
+    assert coloured[y - near:y + near + 1, x - near:x + near + 1].mean() > 0.5, "heat colours on the nodule"
+    assert coloured.mean() < 0.15, "heat is local, not a wash over the slice"
