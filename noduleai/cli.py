@@ -219,19 +219,20 @@ def cmd_demo(args) -> int:
 
 # -- parser ------------------------------------------------------------------------------------------
 def cmd_build_model(args) -> int:
+    epochs = {} if args.epochs is None else {"epochs": args.epochs}  # else each recipe's own default
     if args.scan_experiment:
         import json
 
         from noduleai.scan_experiment import run_scan_experiment
 
-        comparison = run_scan_experiment(args.data, args.work, args.epochs or 50, progress=not args.quiet)
+        comparison = run_scan_experiment(args.data, args.work, progress=not args.quiet, **epochs)
         print(json.dumps({k: comparison[k] for k in ("test_cases", "positives", "blob_baseline_auc")}
                          | {"model_auc": comparison["model"].get("auc")}))
         return EXIT_OK
     from noduleai.recipe import build_bundled_model
 
     build_bundled_model(args.data, args.work, Path(args.install_dir) if args.install_dir else None,
-                        args.epochs or 8, progress=not args.quiet)
+                        progress=not args.quiet, **epochs)
     return EXIT_OK
 
 

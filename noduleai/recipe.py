@@ -145,8 +145,7 @@ def lidc_outlines(paths: RecipePaths, progress: bool = True) -> Path:
 def build_cohorts(data_root: str | os.PathLike, paths: RecipePaths, n_train: int = 40, n_test: int = 10,
                   progress: bool = True):
     """Shapes (cached), hosts, and the training and held-out test insertion cohorts (reused if present)."""
-    from noduleai.insertion import load_host, load_shapes, split_shapes, write_insertion_cohort
-    from noduleai.records import load_manifest
+    from noduleai.insertion import existing_cohort, load_host, load_shapes, split_shapes, write_insertion_cohort
 
     say = print if progress else (lambda *a, **k: None)
     files = data_paths(data_root)
@@ -155,9 +154,8 @@ def build_cohorts(data_root: str | os.PathLike, paths: RecipePaths, n_train: int
     cohorts = {}
     for name, shapes, n, out in (("train", train_shapes, n_train, paths.train_data),
                                  ("test", test_shapes, n_test, paths.test_data)):
-        manifest = out / "manifest.json"
-        if manifest.exists() and len(load_manifest(manifest)) == n:
-            cohorts[name] = load_manifest(manifest)
+        cohorts[name] = existing_cohort(out, n)
+        if cohorts[name]:
             continue
         hosts = training_hosts(files) if name == "train" else real_hosts(files) + [
             load_host("totalseg", files["ts"]), _phantom_host("phantomC", 13)]  # an unseen real host and phantom

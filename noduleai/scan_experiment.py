@@ -41,13 +41,10 @@ def scan_experiment_config(epochs: int = 50) -> TrainConfig:
 
 def build_scan_cohort(hosts: list, shapes: list, out: Path, n_cases: int = SCAN_CASES):
     """Half the CTs with 1-3 inserted nodules, half without (reused when already written)."""
-    from noduleai.insertion import write_insertion_cohort
-    from noduleai.records import load_manifest
+    from noduleai.insertion import existing_cohort, write_insertion_cohort
 
-    if (out / "manifest.json").exists() and len(load_manifest(out / "manifest.json")) == n_cases:
-        return load_manifest(out / "manifest.json")
-    return write_insertion_cohort(hosts, shapes, out, n_cases, nodules_per_case=(1, 3), negative_fraction=0.5,
-                                  seed=SEED + 7, prefix="scan")
+    return existing_cohort(out, n_cases) or write_insertion_cohort(
+        hosts, shapes, out, n_cases, nodules_per_case=(1, 3), negative_fraction=0.5, seed=SEED + 7, prefix="scan")
 
 
 def blob_scan_scores(cases) -> list[float]:
