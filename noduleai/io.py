@@ -5,14 +5,21 @@ Every rejection raises :class:`CTInputError` whose message names the file and th
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from noduleai.files import atomic_path
+
+if TYPE_CHECKING:
+    from noduleai.dicom_series import DicomSource
+
+log = logging.getLogger(__name__)
 
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 MAX_VOXELS = 1024**3  # about 4 GiB as float32: beyond this a CT is not a chest CT we can process
@@ -48,53 +55,11 @@ def is_volume_file(path: str | os.PathLike) -> bool:
 
 
 def find_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
-    """All DICOM series under ``folder`` (searched recursively), largest first."""
-    found: list[DicomSeries] = []
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns for every folder without a series
-    for root, _dirs, _files in os.walk(folder):
-        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(root):
-            files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(root, uid))
-            if files:
-                found.append(DicomSeries(uid, files, _dicom_tag(files[0], "0008|0060")))
-    return sorted(found, key=lambda s: len(s.files), reverse=True)
+    """All DICOM image series under ``folder`` (searched recursively, headers only), largest first."""
+    from noduleai.dicom_series import scan_folder
 
-
-def _dicom_tag(path: str, tag: str) -> str | None:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return None
-    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else None
-
-
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> sitk.Image:
-    series = find_dicom_series(folder)
-    if not series:
-        raise CTInputError(folder, "no DICOM series found in this folder (is it empty or not DICOM?)")
-    if series_uid is not None:
-        chosen = [s for s in series if s.uid == series_uid]
-        if not chosen:
-            uids = ", ".join(s.uid or "(no UID)" for s in series)
-            raise CTInputError(folder, f"series {series_uid} not found; series present: {uids}")
-        pick = chosen[0]
-    else:
-        ct = [s for s in series if s.modality in (None, "CT")]
-        if not ct:
-            kinds = ", ".join(sorted({s.modality or "?" for s in series}))
-            raise CTInputError(folder, f"no CT series here (modality {kinds}); NoduleAI needs a chest CT")
-        pick = ct[0]  # most slices: the diagnostic series rather than a scout or a dose report
-    if pick.modality in NON_CT_MODALITIES:
-        raise CTInputError(folder, f"series {pick.uid} has modality {pick.modality}, not CT")
-    if len(pick.files) < MIN_AXIS:
-        raise CTInputError(folder, f"series {pick.uid or '(no UID)'} has only {len(pick.files)} slice(s)")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(list(pick.files))
-    try:
-        return reader.Execute()
-    except RuntimeError as err:
-        raise CTInputError(folder, f"cannot read DICOM series {pick.uid}: {_first_line(err)}") from err
+    return [DicomSeries(s.uid, tuple(dict.fromkeys(p.path for p in s.slices)), s.modality)
+            for s in scan_folder(folder)]
 
 
 def _first_line(err: Exception) -> str:
@@ -103,29 +68,61 @@ def _first_line(err: Exception) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def read_ct(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
-    """Read a CT volume in Hounsfield units as a float32 SimpleITK image, validated.
+@dataclass
+class LoadedCT:
+    """A CT read from disk, with what the reader did and, for DICOM, the source series to reference."""
+
+    image: sitk.Image  # float32, Hounsfield units, validated
+    path: str
+    report: dict[str, Any] = field(default_factory=dict)  # input facts for the case report; no identifiers
+    dicom: DicomSource | None = None  # set when the input was a DICOM series
+    identifiers: dict[str, str] = field(default_factory=dict)  # patient name/ID/birth date/accession
+
+
+def load_ct(path: str | os.PathLike, series_uid: str | None = None) -> LoadedCT:
+    """Read a CT volume in Hounsfield units, validated, with the reader's report.
 
     ``path`` is a DICOM folder (searched recursively; the CT series with most slices is taken unless
-    ``series_uid`` names one) or a NRRD/NIfTI/MHA/MHD file.
+    ``series_uid`` names one; see :mod:`noduleai.dicom_series` for the geometry checks) or a
+    NRRD/NIfTI/MHA/MHD file. ITK's warnings of this read are captured into ``report["itk_warnings"]``.
     """
+    from noduleai.dicom_series import capture_itk_messages, read_dicom_series
+
     path = Path(path)
     if not path.exists():
         raise CTInputError(path, "does not exist")
     if path.is_dir():
-        image = _read_dicom_folder(path, series_uid)
+        read = read_dicom_series(path, series_uid)
+        image, report, dicom, identifiers = read.image, read.report, read.source, read.identifiers
     else:
         if path.stat().st_size == 0:
             raise CTInputError(path, "file is empty")
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as err:
-            raise CTInputError(path, f"cannot read image ({_first_line(err)}); truncated or not an image?") from err
+        with capture_itk_messages() as messages:
+            try:
+                image = sitk.ReadImage(str(path))
+            except RuntimeError as err:
+                raise CTInputError(path, f"cannot read image ({_first_line(err)}); truncated or not an image?") \
+                    from err
         modality = image.GetMetaData("0008|0060").strip() if image.HasMetaDataKey("0008|0060") else None
         if modality in NON_CT_MODALITIES:
             raise CTInputError(path, f"modality {modality}, not CT")
+        report, dicom, identifiers = {"format": path.suffix.lstrip(".") or "file",
+                                      "itk_warnings": list(messages)}, None, {}
     validate_ct(image, path)
-    return sitk.Cast(image, sitk.sitkFloat32)
+    return LoadedCT(sitk.Cast(image, sitk.sitkFloat32), str(path), report, dicom, identifiers)
+
+
+def read_ct(path: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
+    """Read a CT volume in Hounsfield units as a float32 SimpleITK image, validated.
+
+    ``path`` is a DICOM folder (searched recursively; the CT series with most slices is taken unless
+    ``series_uid`` names one) or a NRRD/NIfTI/MHA/MHD file. :func:`load_ct` also returns the reader's
+    report (chosen series, gaps, tilt, ITK warnings) and the DICOM source for DICOM export.
+    """
+    loaded = load_ct(path, series_uid)
+    for message in loaded.report.get("itk_warnings", []):
+        log.warning("%s: %s", path, message)
+    return loaded.image
 
 
 def validate_ct(image: sitk.Image, path: str | os.PathLike = "<image>") -> None:
