@@ -329,11 +329,18 @@ def _axes(plane: SliceHeader) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 # -- pixel data ------------------------------------------------------------------------------------------
+# Syntaxes newer than the installed pydicom's dictionary (DICOM 2024); named so a refusal says what it is.
+NEWER_SYNTAXES = {"1.2.840.10008.1.2.4.110": "JPEG XL Lossless",
+                  "1.2.840.10008.1.2.4.111": "JPEG XL JPEG Recompression",
+                  "1.2.840.10008.1.2.4.112": "JPEG XL",
+                  "1.2.840.10008.1.2.8.1": "Deflated Image Frame Compression"}
+
+
 def _syntax_name(uid: str) -> str:
-    try:
-        return f"{pydicom.uid.UID(uid).name} ({uid})"
-    except Exception:  # noqa: BLE001 (an unknown UID still gets named by its number)
-        return uid
+    name = pydicom.uid.UID(uid).name
+    if name == uid:
+        name = NEWER_SYNTAXES.get(uid, "unknown transfer syntax")
+    return f"{name} ({uid})"
 
 
 def _read_frame_pixels(planes: list[SliceHeader], folder: Path, messages: list[str]) -> np.ndarray:
