@@ -71,15 +71,55 @@ def test_froc_and_cpm_on_a_hand_computed_example():
         [((0, 0, 3), 0.7)],                                                        # b1
         [((10, 10, 10), 0.6), ((20, 20, 20), 0.2)],                                # two FPs
     ]
-    r = froc(detections, truths)
+    r = froc(detections, truths, bootstrap=0)
     # Ranked events: 0.9 TP(a1) 0.8 FP 0.7 TP(b1) 0.6 FP 0.3 TP(a2) 0.2 FP; a1's 0.5 duplicate ignored.
-    assert np.allclose(r.fps_per_scan, [0, 0, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 1])
-    assert np.allclose(r.sensitivity, [0, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 1, 1])
+    # The staircase (fps, sens): (0,1/3) (1/3,1/3) (1/3,2/3) (2/3,2/3) (2/3,1) (1,1); read by linear
+    # interpolation as LUNA16 does (here the staircase leaves nothing to interpolate).
     expected = {0.125: 1 / 3, 0.25: 1 / 3, 0.5: 2 / 3, 1.0: 1.0, 2.0: 1.0, 4.0: 1.0, 8.0: 1.0}
     assert r.sensitivity_at == pytest.approx(expected)
     assert r.cpm == pytest.approx(np.mean(list(expected.values())))
+    assert r.n_nodules == 3 and r.n_scans == 3
     table = size_table(truths, r, threshold=0.5).set_index("size")
     # Bins are [low, high): a2 (6 mm, best 0.3) and b1 (8 mm, 0.7) in 5-10; a1 (10 mm, 0.9) in >10.
     assert table.loc["5-10 mm", "nodules"] == 2 and table.loc["5-10 mm", "detected"] == 1
     assert table.loc[">10 mm", "nodules"] == 1 and table.loc[">10 mm", "detected"] == 1
     assert table.loc["<5 mm", "nodules"] == 0
+
+
+def test_froc_interpolates_ties_counts_failed_scans_and_ignores_excluded_findings():
+    """The LUNA16 script's rules beyond the staircase: a tie between a hit and a false positive is a
+    diagonal segment (linear interpolation, where v1's step function jumped); a failed scan (no
+    candidates) keeps its nodules in the denominator and counts as a scan; a hit on an excluded finding
+    (< 3 mm, fewer than 3 readers) is neither a hit nor a false positive."""
+    truths = [[((0, 0, 0), 10.0)], [((0, 0, 0), 10.0)]]
+    # Scan 1: its nodule and a false positive tie at 0.8; then two more false positives; scan 2 failed.
+    detections = [[((0, 0, 1), 0.8), ((90, 0, 0), 0.8), ((60, 0, 0), 0.4), ((70, 0, 0), 0.3)], []]
+    excluded = [[((60, 0, 0), 4.0)], []]  # the 0.4 candidate sits on an excluded finding
+    r = froc(detections, truths, excluded, bootstrap=0)
+    # Events: 0.8 {TP, FP} together, 0.3 FP. Curve: (0,0) -> (0.5, 0.5) -> (1.0, 0.5) over 2 scans, 2 nodules.
+    assert r.sensitivity_at[0.25] == pytest.approx(0.25)   # halfway up the diagonal; a step function gives 0
+    assert r.sensitivity_at[0.125] == pytest.approx(0.125)
+    assert r.sensitivity_at[8.0] == pytest.approx(0.5)      # the failed scan's nodule is a miss
+    assert r.n_scans == 2 and r.n_nodules == 2
+
+
+def test_froc_bootstrap_interval_brackets_the_estimate_and_narrows_with_more_scans():
+    rng = np.random.default_rng(0)
+
+    def cohort(n_scans):
+        truths, detections = [], []
+        for _ in range(n_scans):
+            truths.append([((0, 0, 0), 10.0)])
+            hit = [((0, 0, 0), float(rng.uniform(0.3, 1.0)))] if rng.random() < 0.7 else []
+            fps = [((100 + 20 * k, 0, 0), float(rng.uniform(0, 0.8))) for k in range(int(rng.integers(0, 6)))]
+            detections.append(hit + fps)
+        return detections, truths
+
+    small = froc(*cohort(10), bootstrap=500, seed=1)
+    large = froc(*cohort(200), bootstrap=500, seed=1)
+    for r in (small, large):
+        lo, hi = r.cpm_ci
+        assert lo <= r.cpm <= hi and 0 <= lo < hi <= 1
+        assert all(a <= r.sensitivity_at[k] + 1e-9 and r.sensitivity_at[k] <= b + 1e-9
+                   for k, (a, b) in r.sensitivity_at_ci.items())
+    assert np.diff(large.cpm_ci)[0] < np.diff(small.cpm_ci)[0]

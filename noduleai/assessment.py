@@ -7,13 +7,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from noduleai import DISCLAIMER
 from noduleai.detect import Candidate, DetectionResult, Detector
-from noduleai.evaluate import froc, plot_froc, size_table, write_classification_report
+from noduleai.evaluate import froc, hits, plot_froc, size_table, write_classification_report
 from noduleai.files import atomic_path, write_json_atomic
 from noduleai.io import read_ct
 from noduleai.records import CaseRecord, NoduleRecord
@@ -23,7 +22,7 @@ def nodule_hit(candidates: Sequence[Candidate], nodule: NoduleRecord) -> dict[st
     """The best-ranked candidate within the nodule's radius (the FROC hit rule): rank and probability,
     or None for both when no candidate hits it."""
     for c in sorted(candidates, key=lambda c: c.rank):
-        if np.linalg.norm(np.subtract(c.position_lps, nodule.center_lps)) <= nodule.diameter_mm / 2:
+        if hits(c.position_lps, nodule.center_lps, nodule.diameter_mm):
             return {"diameter_mm": nodule.diameter_mm, "texture": nodule.texture, "rank": c.rank,
                     "probability": c.probability}
     return {"diameter_mm": nodule.diameter_mm, "texture": nodule.texture, "rank": None, "probability": None}
@@ -41,11 +40,18 @@ def evaluate_cases(detector: Detector, cases: Sequence[CaseRecord], out_dir: str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels, scan_probs, detections, truths, failures, per_case = [], [], [], [], [], []
+    textures: list[list[str]] = []
     for case in tqdm(cases, desc="evaluate", unit="scan", disable=not progress):
         try:
             result = detector.detect(read_ct(case.image_path, case.series_uid))
         except Exception as err:  # recorded, and the evaluation goes on
             failures.append({"case": case.case_id, "error": str(err)})
+            # As LUNA16 scores a scan without candidates: its nodules are misses and it counts in the
+            # per-scan false-positive rate. It has no scan probability, so it is left out of the
+            # scan-level metrics (listed under "failures").
+            detections.append([])
+            truths.append([(n.center_lps, n.diameter_mm) for n in case.nodules])
+            textures.append([n.texture or "unknown" for n in case.nodules])
             continue
         if on_result is not None:
             on_result(case, result)
@@ -53,6 +59,7 @@ def evaluate_cases(detector: Detector, cases: Sequence[CaseRecord], out_dir: str
         scan_probs.append(result.scan_probability)
         detections.append([(c.position_lps, c.probability) for c in result.candidates])
         truths.append([(n.center_lps, n.diameter_mm) for n in case.nodules])
+        textures.append([n.texture or "unknown" for n in case.nodules])
         per_case.append({"case": case.case_id, "label": case.label, "scan_probability": result.scan_probability,
                          "n_candidates": len(result.candidates), "n_nodules": len(case.nodules),
                          "nodules": [nodule_hit(result.candidates, n) for n in case.nodules]})
@@ -60,9 +67,14 @@ def evaluate_cases(detector: Detector, cases: Sequence[CaseRecord], out_dir: str
                                "failures": failures, "per_case": per_case}
     if per_case:
         summary["scan_level"] = write_classification_report(out, labels, scan_probs, threshold=threshold)
+    if truths:
         fr = froc(detections, truths)
-        summary["froc"] = {"cpm": fr.cpm, "sensitivity_at": {str(k): v for k, v in fr.sensitivity_at.items()},
-                           "n_nodules": fr.n_nodules, "n_scans": fr.n_scans}
+        summary["froc"] = {"protocol": "LUNA16: hit within the nodule radius, linear interpolation at 1/8-8 "
+                                       "FP/scan, failed scans as misses, 95 % bootstrap over scans",
+                           "cpm": fr.cpm, "cpm_ci95": fr.cpm_ci,
+                           "sensitivity_at": {str(k): v for k, v in fr.sensitivity_at.items()},
+                           "sensitivity_at_ci95": {str(k): v for k, v in fr.sensitivity_at_ci.items()},
+                           "n_nodules": fr.n_nodules, "n_scans": fr.n_scans, "n_failed_scans": len(failures)}
         with atomic_path(out / "froc.csv") as tmp:
             pd.DataFrame({"fps_per_scan": fr.fps_per_scan, "sensitivity": fr.sensitivity,
                           "threshold": fr.thresholds}).to_csv(tmp, index=False)
@@ -72,8 +84,6 @@ def evaluate_cases(detector: Detector, cases: Sequence[CaseRecord], out_dir: str
         with atomic_path(out / "by_size.csv") as tmp:
             by_size.to_csv(tmp, index=False)
         summary["by_size"] = by_size.to_dict("records")
-        textures = [[n.texture or "unknown" for n in c.nodules] for c in cases
-                    if c.case_id in {p["case"] for p in per_case}]
         rows = {}
         for tex, best in ((t, b) for ts, bs in zip(textures, fr.detected) for t, b in zip(ts, bs)):
             row = rows.setdefault(tex, {"texture": tex, "nodules": 0, "detected": 0})

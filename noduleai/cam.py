@@ -13,11 +13,13 @@ from collections.abc import Iterator
 import numpy as np
 import SimpleITK as sitk
 import torch
+from scipy.signal.windows import tukey
 from torch import nn
 
 from noduleai.geometry import image_from_array, resample_like
 
 CAM_METHODS = ("gradcam", "gradcam++")
+CAM_LAYERS = ("layer2", "layer3")  # layer4 is 4^3 on a 32^3 patch: too coarse to point inside a nodule
 
 
 @contextlib.contextmanager
@@ -62,9 +64,13 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target_layer: str = "layer4", cl
                 (grads,) = torch.autograd.grad(logits[:, class_index].sum(), activations)
                 weights = grads.mean(dim=(2, 3, 4), keepdim=True)
             else:
-                # Grad-CAM++ (Chattopadhay et al. 2018) with the exponential of the score, whose
-                # higher derivatives are powers of the first one.
-                (grads,) = torch.autograd.grad(logits[:, class_index].exp().sum(), activations)
+                # Grad-CAM++ (Chattopadhay et al. 2018, eq. 19) for Y = exp(S) with S the class logit. A ReLU
+                # network is piecewise linear in the activations, so dY/dA = exp(S) dS/dA and the higher
+                # derivatives are exp(S) times powers of dS/dA: exp(S) cancels in alpha and only scales the
+                # weights, which the per-map normalisation below removes. So every term uses dS/dA.
+                # (Differentiating exp(S) itself, as v1 did, leaves an extra exp(S) on the third-order term:
+                # equal to the paper only at S = 0.)
+                (grads,) = torch.autograd.grad(logits[:, class_index].sum(), activations)
                 g2, g3 = grads.pow(2), grads.pow(3)
                 denom = 2 * g2 + activations.sum(dim=(2, 3, 4), keepdim=True) * g3
                 alpha = g2 / torch.where(denom != 0, denom, torch.ones_like(denom))
@@ -84,3 +90,28 @@ def cam_to_ct(cam: np.ndarray, model_space: sitk.Image, ct: sitk.Image) -> sitk.
     """Resample a map on the model-space grid (z, y, x) onto the original CT's grid (float32)."""
     image = image_from_array(np.asarray(cam, dtype=np.float32), model_space)
     return resample_like(image, ct, linear=True, default=0.0)
+
+
+def blend_window(size: int) -> np.ndarray:
+    """Weights (size^3) for laying a candidate's patch CAM onto the whole-CT heatmap: 1 over the central
+    half, a cosine taper to 0 at the patch border (Tukey, alpha 0.5). Without it every candidate's map
+    ended at the patch faces and the overlay showed square tile edges around each candidate."""
+    w = tukey(size + 2, alpha=0.5)[1:-1].astype(np.float32)  # drop the two exact zeros: the border voxel is ~0
+    return w[:, None, None] * w[None, :, None] * w[None, None, :]
+
+
+def pointing_scores(model: nn.Module, patches: np.ndarray, inside: np.ndarray,
+                    layers: tuple[str, ...] = CAM_LAYERS, methods: tuple[str, ...] = CAM_METHODS,
+                    batch: int = 32) -> dict[str, float]:
+    """Pointing game per ``layer/method``: the fraction of ``patches`` (N, D, H, W) whose CAM maximum lies
+    in ``inside`` (N, D, H, W, bool: the nodule). Choose a setting on validation data only."""
+    scores: dict[str, float] = {}
+    for layer in layers:
+        for method in methods:
+            hits = []
+            for i in range(0, len(patches), batch):
+                x = torch.from_numpy(np.ascontiguousarray(patches[i:i + batch], np.float32)[:, None])
+                cams, _ = grad_cam(model, x, layer, 1, method)
+                hits += [bool(m.ravel()[np.argmax(c)]) for c, m in zip(cams, inside[i:i + batch])]
+            scores[f"{layer}/{method}"] = float(np.mean(hits)) if hits else float("nan")
+    return scores

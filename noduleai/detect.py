@@ -26,7 +26,7 @@ import torch
 from scipy import ndimage
 
 from noduleai import DISCLAIMER, __version__
-from noduleai.cam import cam_to_ct, grad_cam
+from noduleai.cam import blend_window, cam_to_ct, grad_cam
 from noduleai.candidates import TISSUE_THRESHOLD, blob_centres, inscribed_radius
 from noduleai.checkpoint import ModelInfo, load_model
 from noduleai.geometry import lps_to_ras, resample_like
@@ -197,10 +197,11 @@ class Detector:
         t = time.perf_counter()
         cam_volume = np.zeros(volume.shape, np.float32)
         size = self.info.input_size[0]
+        window = blend_window(size)
         for c, p, _d in kept:
             patch = torch.from_numpy(extract_patch(volume, c, size))[None, None].to(self.device)
             cam, _ = grad_cam(self.model, patch, self.cam_layer, 1, self.cam_method)
-            paste_patch_max(cam_volume, cam[0] * p, c)
+            paste_patch_max(cam_volume, cam[0] * window * p, c)
         heatmap = cam_to_ct(cam_volume, pre.image, ct)
         probability_map = resample_like(_grid_image(grid, pre.image, stride), ct, linear=True)
         timings["grad_cam"] = time.perf_counter() - t

@@ -84,9 +84,17 @@ def write_classification_report(out_dir: str | os.PathLike, y_true: Sequence[int
     return result
 
 
+Finding = tuple[Sequence[float], float]  # (centre or position in mm, diameter in mm or probability)
+
+
+def hits(position_mm: Sequence[float], centre_mm: Sequence[float], diameter_mm: float) -> bool:
+    """The one hit rule (LUNA16's): a candidate hits a finding when it lies within the finding's radius."""
+    return float(np.linalg.norm(np.subtract(position_mm, centre_mm))) <= diameter_mm / 2
+
+
 @dataclass
 class FrocResult:
-    """Sensitivity against false positives per scan, over all thresholds."""
+    """Sensitivity against false positives per scan, over all thresholds, as the LUNA16 script computes it."""
 
     fps_per_scan: np.ndarray
     sensitivity: np.ndarray
@@ -96,48 +104,85 @@ class FrocResult:
     n_nodules: int
     n_scans: int
     detected: list[list[float | None]] = field(default_factory=list)  # best probability per true nodule
+    cpm_ci: tuple[float, float] | None = None  # 95 % bootstrap interval over scans
+    sensitivity_at_ci: dict[float, tuple[float, float]] = field(default_factory=dict)
 
 
-def froc(detections: Sequence[Sequence[tuple[Sequence[float], float]]],
-         truths: Sequence[Sequence[tuple[Sequence[float], float]]]) -> FrocResult:
-    """FROC and the LUNA16 competition performance metric (CPM).
+def _scan_events(dets: Sequence[tuple[Sequence[float], float]], nods: Sequence[Finding],
+                 excluded: Sequence[Finding]) -> tuple[list[tuple[float, bool]], list[float | None]]:
+    """One scan's scored events (probability, is a true positive) and each nodule's best probability.
 
-    ``detections[s]``: (position_mm, probability) per candidate of scan s; ``truths[s]``:
-    (centre_mm, diameter_mm) per nodule. As in LUNA16, a candidate hits a nodule when it lies within
-    the nodule's radius; each nodule counts once (its best hit), further hits on it are neither true
-    nor false positives, candidates hitting nothing are false positives. Sensitivity at a rate r is the
-    highest reached with at most r false positives per scan (a step function, no interpolation).
+    Each nodule counts once, with its best hit; further hits on it, and candidates that hit an excluded
+    finding (LUNA16: nodules < 3 mm, non-nodules, nodules of fewer than 3 readers), are neither true nor
+    false positives; the rest are false positives.
+    """
+    best: list[float | None] = [None] * len(nods)
+    events: list[tuple[float, bool]] = []
+    for pos, prob in dets:
+        hit = [k for k, (c, d) in enumerate(nods) if hits(pos, c, d)]
+        for k in hit:
+            best[k] = prob if best[k] is None else max(best[k], prob)
+        if not hit and not any(hits(pos, c, d) for c, d in excluded):
+            events.append((float(prob), False))
+    events += [(float(p), True) for p in best if p is not None]
+    return events, best
+
+
+def _froc_curve(events: list[tuple[float, bool]], n_nodules: int, n_scans: int):
+    """LUNA16's computeFROC: an ROC over the scored events (scikit-learn), rescaled to false positives per
+    scan and to sensitivity over *all* nodules (missed ones and those of failed scans included)."""
+    if not events:
+        return np.zeros(1), np.zeros(1), np.array([np.inf])
+    probs = np.array([e[0] for e in events])
+    is_tp = np.array([e[1] for e in events])
+    n_fp, n_tp = int((~is_tp).sum()), int(is_tp.sum())
+    if n_fp == 0 or n_tp == 0:  # roc_curve is undefined without both classes: a staircase by hand
+        order = np.argsort(-probs, kind="stable")
+        fps = np.r_[0.0, np.cumsum(~is_tp[order]) / max(n_scans, 1)]
+        sens = np.r_[0.0, np.cumsum(is_tp[order]) / max(n_nodules, 1)]
+        return fps, sens, np.r_[np.inf, probs[order]]
+    fpr, tpr, thresholds = skm.roc_curve(is_tp.astype(int), probs)
+    return fpr * n_fp / max(n_scans, 1), tpr * n_tp / max(n_nodules, 1), thresholds
+
+
+def _sensitivity_at(fps: np.ndarray, sens: np.ndarray) -> dict[float, float]:
+    # LUNA16 interpolates the curve linearly (np.interp) and reads it at 1/8 ... 8 FP per scan.
+    return {r: float(np.interp(r, fps, sens)) for r in CPM_FP_RATES}
+
+
+def froc(detections: Sequence[Sequence[tuple[Sequence[float], float]]], truths: Sequence[Sequence[Finding]],
+         excluded: Sequence[Sequence[Finding]] | None = None, bootstrap: int = 1000, seed: int = 0) -> FrocResult:
+    """FROC and the LUNA16 competition performance metric (CPM), with 95 % bootstrap intervals.
+
+    ``detections[s]``: (position_mm, probability) per candidate of scan s (empty for a scan that failed:
+    its nodules count as missed and the scan counts in the per-scan rate); ``truths[s]``: (centre_mm,
+    diameter_mm) per reference nodule; ``excluded[s]``: findings whose hits are neither true nor false
+    positives. Hits follow :func:`hits`. Sensitivity at each rate is read off the linearly interpolated
+    curve, as the LUNA16 evaluation script does; the interval resamples scans with replacement.
     """
     if len(detections) != len(truths):
         raise ValueError("detections and truths must have one entry per scan")
-    events = []  # (probability, scan, nodule index or -1)
-    detected: list[list[float | None]] = []
-    for s, (dets, nods) in enumerate(zip(detections, truths)):
-        best: list[float | None] = [None] * len(nods)
-        for pos, prob in dets:
-            hits = [k for k, (c, d) in enumerate(nods) if np.linalg.norm(np.subtract(pos, c)) <= d / 2]
-            if not hits:
-                events.append((prob, s, -1))
-            for k in hits:
-                best[k] = prob if best[k] is None else max(best[k], prob)
-        for k, p in enumerate(best):
-            if p is not None:
-                events.append((p, s, k))
-        detected.append(best)
-    n_nodules = sum(len(n) for n in truths)
-    n_scans = len(truths)
-    events.sort(key=lambda e: -e[0])
-    probs = np.array([e[0] for e in events], float)
-    is_tp = np.array([e[2] >= 0 for e in events], bool)
-    tp = np.cumsum(is_tp)
-    fp = np.cumsum(~is_tp)
-    # Only the last event of a run of equal probabilities is a reachable operating point.
-    last = np.r_[probs[1:] != probs[:-1], True] if len(probs) else np.zeros(0, bool)
-    fps = np.r_[0.0, fp[last] / max(n_scans, 1)]
-    sens = np.r_[0.0, tp[last] / max(n_nodules, 1)]
-    thresholds = np.r_[np.inf, probs[last]]
-    at = {r: float(sens[fps <= r].max()) for r in CPM_FP_RATES}
-    return FrocResult(fps, sens, thresholds, at, float(np.mean(list(at.values()))), n_nodules, n_scans, detected)
+    excluded = excluded if excluded is not None else [[] for _ in truths]
+    per_scan = [_scan_events(d, n, x) for d, n, x in zip(detections, truths, excluded)]
+    n_nodules, n_scans = sum(len(n) for n in truths), len(truths)
+    fps, sens, thresholds = _froc_curve([e for ev, _ in per_scan for e in ev], n_nodules, n_scans)
+    at = _sensitivity_at(fps, sens)
+    result = FrocResult(fps, sens, thresholds, at, float(np.mean(list(at.values()))), n_nodules, n_scans,
+                        [best for _, best in per_scan])
+    if bootstrap and n_scans > 1 and n_nodules:
+        rng = np.random.default_rng(seed)
+        samples = []
+        for _ in range(bootstrap):
+            pick = rng.integers(0, n_scans, n_scans)
+            curve = _froc_curve([e for i in pick for e in per_scan[i][0]],
+                                sum(len(truths[i]) for i in pick), n_scans)
+            samples.append(list(_sensitivity_at(*curve[:2]).values()))
+        table = np.asarray(samples)
+        lo, hi = np.percentile(table, [2.5, 97.5], axis=0)
+        cpm_lo, cpm_hi = np.percentile(table.mean(axis=1), [2.5, 97.5])
+        result.cpm_ci = (float(cpm_lo), float(cpm_hi))
+        result.sensitivity_at_ci = {r: (float(a), float(b)) for r, a, b in zip(CPM_FP_RATES, lo, hi)}
+    return result
 
 
 def plot_froc(result: FrocResult, path: str | os.PathLike, label: str = "model") -> None:

@@ -282,6 +282,7 @@ def evaluate_detector(detector, cohorts: dict, paths: RecipePaths, files: dict[s
     import SimpleITK as sitk
 
     from noduleai.assessment import evaluate_cases
+    from noduleai.evaluate import hits
 
     details = json.loads((paths.test_data / "insertions.json").read_text())
     pointing: dict[str, list[bool]] = {"insertion": [], "real": []}
@@ -289,7 +290,7 @@ def evaluate_detector(detector, cohorts: dict, paths: RecipePaths, files: dict[s
     def on_test(case, result):
         label = sitk.GetArrayFromImage(sitk.ReadImage(str(paths.test_data / f"{case.case_id}_label.nrrd")))
         for k, nodule in enumerate(case.nodules, 1):
-            if any(np.linalg.norm(np.subtract(c.position_lps, nodule.center_lps)) <= nodule.diameter_mm / 2
+            if any(hits(c.position_lps, nodule.center_lps, nodule.diameter_mm)
                    for c in result.candidates):
                 pointing["insertion"].append(peak_inside(result.heatmap, label == k, nodule.center_lps,
                                                          nodule.diameter_mm / 2))
@@ -306,7 +307,7 @@ def evaluate_detector(detector, cohorts: dict, paths: RecipePaths, files: dict[s
     def on_real(case, result):
         label = real_labels.get(case.case_id)
         fps = [c for c in result.candidates if c.probability >= threshold and not any(
-            np.linalg.norm(np.subtract(c.position_lps, n.center_lps)) <= n.diameter_mm / 2 for n in case.nodules)]
+            hits(c.position_lps, n.center_lps, n.diameter_mm) for n in case.nodules)]
         row = {"case": case.case_id, "candidates": len(result.candidates), "false_positives": len(fps)}
         if case.nodules:
             from noduleai.assessment import nodule_hit
@@ -340,9 +341,8 @@ def cam_pointing_by_setting(model, info, cases, labels_dir: Path, max_nodules: i
     model's own preprocessing grid.
     """
     import SimpleITK as sitk
-    import torch
 
-    from noduleai.cam import grad_cam
+    from noduleai.cam import pointing_scores
     from noduleai.geometry import lps_to_array_index, resample_like
     from noduleai.io import read_ct
     from noduleai.patches import extract_patch
@@ -362,14 +362,7 @@ def cam_pointing_by_setting(model, info, cases, labels_dir: Path, max_nodules: i
             centre = np.asarray(lps_to_array_index(pre.image, nodule.center_lps)) + rng.uniform(-4, 4, 3) / spacing
             patches.append(extract_patch(pre.array, centre, size))
             masks.append(extract_patch((label == k).astype(np.float32), centre, size) > 0)
-    x = torch.from_numpy(np.stack(patches)[:, None])
-    scores = {}
-    for layer in ("layer2", "layer3"):
-        for method in ("gradcam", "gradcam++"):
-            cams, _ = grad_cam(model, x, layer, 1, method)
-            peaks = [m.ravel()[np.argmax(c)] for c, m in zip(cams, masks)]
-            scores[f"{layer}/{method}"] = float(np.mean(peaks))
-    return scores
+    return pointing_scores(model, np.stack(patches), np.stack(masks))
 
 
 # -- the model card and installation ---------------------------------------------------------------
