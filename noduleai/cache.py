@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,8 +144,9 @@ def save_cache_index(entries: list[CacheEntry], cache_dir: str | os.PathLike) ->
 
 def build_cache(cases: list[CaseRecord], config: PreprocessConfig, cache_dir: str | os.PathLike,
                 workers: int = 1, progress: bool = True,
-                skipped: list[tuple[str, str]] | None = None) -> tuple[list[CacheEntry], list[tuple[str, str]]]:
-    """Preprocess ``cases`` into ``cache_dir``, reusing valid entries.
+                skipped: list[tuple[str, str]] | None = None,
+                on_case: Callable[[int, int], None] | None = None) -> tuple[list[CacheEntry], list[tuple[str, str]]]:
+    """Preprocess ``cases`` into ``cache_dir``, reusing valid entries; ``on_case(done, total)`` after each case.
 
     Returns the entries in case order and ``(case_id, reason)`` for every case skipped (including
     ``skipped`` passed in by the data source, e.g. scans whose DICOM files are missing).
@@ -164,14 +166,21 @@ def build_cache(cases: list[CaseRecord], config: PreprocessConfig, cache_dir: st
     reasons = list(skipped or [])
     jobs = [(case, config, str(cache_dir)) for case in todo]
     bar = tqdm(total=len(jobs), desc="preprocess", unit="scan", disable=not progress or not jobs)
+    reused = len(cases) - len(todo)
+    if on_case is not None:
+        on_case(reused, len(cases))
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = pool.map(_prepare_or_reason, jobs)
-            for case, (entry, reason) in zip(todo, results):
+            for i, (case, (entry, reason)) in enumerate(zip(todo, results)):
                 _collect(case, entry, reason, done, reasons, bar)
+                if on_case is not None:
+                    on_case(reused + i + 1, len(cases))
     else:
-        for case, job in zip(todo, jobs):
+        for i, (case, job) in enumerate(zip(todo, jobs)):
             _collect(case, *_prepare_or_reason(job), done, reasons, bar)
+            if on_case is not None:
+                on_case(reused + i + 1, len(cases))
     bar.close()
     entries = [done[c.case_id] for c in cases if c.case_id in done]
     # Keep entries of other cases already in the cache: several cohorts may share one cache.

@@ -14,6 +14,7 @@ import torch
 
 from noduleai import __version__
 from noduleai.files import atomic_path
+from noduleai.modelpath import bundled_model_path, bundled_models_dir, resolve_model_path  # noqa: F401 (public here)
 from noduleai.models import ResNet3D, build_model
 from noduleai.preprocess import PreprocessConfig
 
@@ -120,16 +121,3 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     except (TypeError, ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(path, f"metadata or weights do not describe a valid model ({err})") from err
     return model.to(device).eval(), info
-
-
-def bundled_models_dir() -> Path:
-    """``Resources/Models`` beside the engine package: in a source checkout and, as the extension's
-    CMake installs it, beside ``noduleai`` in Slicer's scripted-modules folder."""
-    return Path(__file__).resolve().parent.parent / "Resources" / "Models"
-
-
-def bundled_model_path() -> Path | None:
-    """The model shipped with NoduleAI, when there is one."""
-    here = bundled_models_dir()
-    found = sorted(here.glob("*.pt")) if here.is_dir() else []
-    return found[0] if found else None

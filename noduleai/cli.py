@@ -12,7 +12,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from noduleai import DISCLAIMER, __version__
-from noduleai.io import CTInputError, case_name, is_volume_file
+from noduleai.console import print_evaluation
+from noduleai.inputs import expand_inputs
+from noduleai.io import CTInputError
+from noduleai.modelpath import resolve_model_path
+from noduleai.progress import ProgressWriter, detection_phase
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -22,36 +26,6 @@ class UsageError(Exception):
 
 
 # -- inputs ------------------------------------------------------------------------------------------
-def _has_files(folder: Path) -> bool:
-    return any(p.is_file() for p in folder.iterdir())
-
-
-def expand_inputs(paths: Sequence[str | os.PathLike]) -> list[tuple[str, Path]]:
-    """(case name, path) for every scan named on the command line.
-
-    A file is one case. A folder holding volume files (NRRD, NIfTI, MHA) gives one case per file and
-    one per sub-folder; a folder holding only sub-folders, two or more, gives one case per sub-folder
-    (a folder of DICOM patients); any other folder is one DICOM case.
-    """
-    found: list[tuple[str, Path]] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            entries = sorted(path.iterdir())
-            volumes = [p for p in entries if p.is_file() and is_volume_file(p)]
-            subdirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
-            if volumes or (len(subdirs) >= 2 and not _has_files(path)):
-                found += [(case_name(p), p) for p in volumes + subdirs]
-                continue
-        found.append((case_name(path), path))
-    names: dict[str, int] = {}
-    unique = []
-    for name, path in found:  # two inputs with the same name must not overwrite each other's outputs
-        names[name] = names.get(name, 0) + 1
-        unique.append((name if names[name] == 1 else f"{name}_{names[name]}", path))
-    return unique
-
-
 def _load_cases(args) -> tuple[list, list[tuple[str, str]]]:
     from noduleai.records import load_manifest
 
@@ -74,43 +48,47 @@ def _preprocess_for(task: str, input_size: int):
     return PreprocessConfig(**(SCAN_PREPROCESS.to_dict() | {"output_size": (input_size,) * 3}))
 
 
-def _model_path(arg: str | None) -> Path:
-    from noduleai.checkpoint import bundled_model_path
-
-    if arg:
-        return Path(arg)
-    bundled = bundled_model_path()
-    if bundled is None:
-        raise UsageError("no --model given and no bundled model is installed; train one with "
-                         "`noduleai train` or `noduleai demo`")
-    return bundled
-
-
 # -- commands ----------------------------------------------------------------------------------------
+def _detect_progress(progress: ProgressWriter, case: str, base: float, span: float):
+    """The engine's progress callback, written as JSON lines: reading and writing take the first and last 5 %."""
+    def report(fraction: float) -> bool:
+        progress.write(detection_phase(fraction), base + span * (0.05 + 0.9 * fraction), case=case)
+        return False
+
+    return report
+
+
 def cmd_detect(args) -> int:
     from noduleai.detect import Detector
     from noduleai.files import write_json_atomic
     from noduleai.io import read_ct
     from noduleai.report import write_detection
 
-    detector = Detector.from_checkpoint(_model_path(args.model), args.device, cam_method=args.cam,
+    detector = Detector.from_checkpoint(resolve_model_path(args.model), args.device, cam_method=args.cam,
                                         cam_layer=args.cam_layer, max_candidates=args.max_candidates)
     out = Path(args.out)
     cases = expand_inputs(args.inputs)
+    progress = ProgressWriter(args.progress_json)
     done, failed = [], []
-    for name, path in tqdm(cases, desc="detect", unit="scan", disable=args.quiet):
+    for index, (name, path) in enumerate(tqdm(cases, desc="detect", unit="scan", disable=args.quiet)):
         t0 = time.perf_counter()
+        base, span = index / len(cases), 1 / len(cases)
         try:
+            progress.write("reading the CT", base, case=name, message=f"{name} ({index + 1}/{len(cases)})")
             ct = read_ct(path, args.series_uid)
-            result = detector.detect(ct)
+            result = detector.detect(ct, _detect_progress(progress, name, base, span))
+            progress.write("writing results", base + 0.95 * span, case=name)
             write_detection(result, ct, out, name, args.threshold)
         except (CTInputError, RuntimeError, ValueError, OSError) as err:
             failed.append({"case": name, "input": str(path), "error": str(err)})
+            progress.write("case failed", base + span, case=name, error=str(err))
             continue
         done.append({"case": name, "scan_probability": result.scan_probability,
                      "n_candidates": len(result.candidates), "seconds": round(time.perf_counter() - t0, 2)})
     write_json_atomic({"disclaimer": DISCLAIMER, "model": detector.describe(), "succeeded": done,
                        "failed": failed}, out / "summary.json")
+    progress.write("done", 1.0, succeeded=len(done), failed=len(failed))
+    progress.close()
     print(f"\n{DISCLAIMER}\nModel: {detector.describe()['name']} ({detector.describe()['file']})")
     for row in done:
         print(f"  ok     {row['case']}: P(nodule) = {row['scan_probability']:.3f}, "
@@ -145,18 +123,25 @@ def cmd_train(args) -> int:
                          positive_repeats=args.positive_repeats)
     preprocess = _preprocess_for(args.task, args.input_size)
     args.cache = args.cache or str(Path(args.out) / "cache")
-    cases, skipped = _load_cases(args)
     rank, world = _distributed()
+    phase = ProgressWriter(args.progress_json if rank == 0 else None)
+    phase.write("loading cases", 0.0)
+    cases, skipped = _load_cases(args)
     if rank == 0:
-        entries, reasons = build_cache(cases, preprocess, args.cache, workers=max(1, args.workers),
-                                       progress=not args.quiet, skipped=skipped)
+        phase.write("preprocessing", 0.0, done=0, total=len(cases))
+        entries, reasons = build_cache(
+            cases, preprocess, args.cache, workers=max(1, args.workers), progress=not args.quiet, skipped=skipped,
+            on_case=lambda done, total: phase.write("preprocessing", done / max(total, 1), done=done, total=total))
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         wanted = {c.case_id for c in cases}
         entries = [e for e in load_cache(args.cache) if e.case_id in wanted]
-    result = train(entries, config, preprocess, args.out, resume=not args.no_resume, progress=not args.quiet)
+    phase.write("training", 0.0, epoch=0, epochs=config.epochs)
+    result = train(entries, config, preprocess, args.out, resume=not args.no_resume, progress=not args.quiet,
+                   on_epoch=lambda r: phase.write("training", r["epoch"] / config.epochs, epoch=r["epoch"],
+                                                  epochs=config.epochs))
     if world > 1:
         dist.destroy_process_group()
     if rank == 0 and result.best_model.exists():
@@ -174,6 +159,8 @@ def cmd_train(args) -> int:
             auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"
             print(f"Test: accuracy {m['accuracy']:.4f}, precision {m['precision']:.4f}, recall {m['recall']:.4f},"
                   f" F1 {m['f1']:.4f}, AUC {auc}")
+    phase.write("done", 1.0)
+    phase.close()
     return EXIT_OK
 
 
@@ -181,7 +168,7 @@ def cmd_evaluate(args) -> int:
     from noduleai.assessment import evaluate_cases
     from noduleai.detect import Detector
 
-    detector = Detector.from_checkpoint(_model_path(args.model), args.device, min_probability=0.05)
+    detector = Detector.from_checkpoint(resolve_model_path(args.model), args.device, min_probability=0.05)
     cases, _skipped = _load_cases(args)
     if args.split == "test":
         test_ids = set(detector.info.training_data.get("test_cases", []))
@@ -189,25 +176,8 @@ def cmd_evaluate(args) -> int:
         if not cases:
             raise UsageError("none of the model's test cases is in this data; use --split all")
     summary = evaluate_cases(detector, cases, args.out, progress=not args.quiet)
-    _print_evaluation(summary)
+    print_evaluation(summary)
     return EXIT_OK if summary["cases"] else EXIT_FAILED
-
-
-def _print_evaluation(summary: dict) -> None:
-    scan = summary.get("scan_level")
-    if scan:
-        auc = "n/a" if scan["auc"] is None else f"{scan['auc']:.3f}"
-        print(f"Scan level ({scan['n']} scans): accuracy {scan['accuracy']:.3f}, precision {scan['precision']:.3f},"
-              f" recall {scan['recall']:.3f}, F1 {scan['f1']:.3f}, AUC {auc}")
-    if summary.get("froc"):
-        f = summary["froc"]
-        print(f"FROC: CPM {f['cpm']:.3f} over {f['n_nodules']} nodules in {f['n_scans']} scans; sensitivity at "
-              + ", ".join(f"{k} FP/scan {v:.2f}" for k, v in f["sensitivity_at"].items()))
-    for row in summary.get("by_size", []):
-        sens = "n/a" if row["sensitivity"] is None else f"{row['sensitivity']:.2f}"
-        print(f"  {row['size']:>8}: {row['detected']}/{row['nodules']} detected (sensitivity {sens})")
-    for fail in summary.get("failures", []):
-        print(f"  FAILED {fail['case']}: {fail['error']}")
 
 
 def cmd_demo(args) -> int:
@@ -261,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series-uid", help="DICOM SeriesInstanceUID to read (default: the CT series with most slices)")
     p.add_argument("--threshold", type=float, default=0.5, help="decision threshold on P(nodule)")
     p.add_argument("--max-candidates", type=int, default=20)
+    p.add_argument("--progress-json", metavar="FILE", help="append progress as JSON lines (phase, fraction in "
+                                                         "[0, 1], case) to FILE, '-' for standard output")
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("prepare", help="build the preprocessing cache (parallel workers)")
@@ -296,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
     p.add_argument("--positive-repeats", type=int, default=4, help="patch task: copies of each nodule per epoch")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if OUT holds a run")
+    p.add_argument("--progress-json", metavar="FILE", help="append the phase (loading cases, preprocessing k/n, "
+                                                         "training epoch e/E) as JSON lines to FILE")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="detect on labelled cases: metrics, ROC, FROC/CPM, errors by size")

@@ -17,6 +17,7 @@ from noduleai import DISCLAIMER
 from noduleai.assessment import evaluate_cases
 from noduleai.cache import build_cache
 from noduleai.checkpoint import bundled_model_path, load_model, save_model
+from noduleai.console import print_evaluation
 from noduleai.detect import Detector
 from noduleai.io import read_ct
 from noduleai.modelcard import write_model_card
@@ -98,14 +99,12 @@ def run_demo(out_dir: str | os.PathLike = "noduleai-output/demo", n_cases: int =
     say("5/5 detecting with Grad-CAM on a held-out phantom ...")
     ct = read_ct(held_out.image_path)
     files = write_detection(detector.detect(ct), ct, out / "detection", held_out.case_id)
-    from noduleai.cli import _print_evaluation  # the CLI owns console formatting
-
     bundled = bundled_model_path()
     default = f"{bundled.name} (card {bundled.with_suffix('.md').name})" if bundled else "none installed"
     say(f"\nModel used: {DEMO_MODEL_NAME} (trained just now on phantoms). `noduleai detect` and NoduleDetect "
         f"use the bundled model by default: {default}.")
     if verbose:
-        _print_evaluation(evaluation)
+        print_evaluation(evaluation)
     say(f"\nDone in {time.perf_counter() - t0:.0f} s. Results in {out.resolve()}:")
     say(f"  model + card:      {result.best_model}, MODEL_CARD.md  (history.csv, test_results.csv, roc_curve.png,"
         " confusion_matrix.png beside it)")

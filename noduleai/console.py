@@ -1,0 +1,23 @@
+"""Console summaries shared by the command line and the demo."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def print_evaluation(summary: dict[str, Any]) -> None:
+    """Print an evaluation summary (scan-level metrics, FROC/CPM, sensitivity by size, failures)."""
+    scan = summary.get("scan_level")
+    if scan:
+        auc = "n/a" if scan["auc"] is None else f"{scan['auc']:.3f}"
+        print(f"Scan level ({scan['n']} scans): accuracy {scan['accuracy']:.3f}, precision {scan['precision']:.3f},"
+              f" recall {scan['recall']:.3f}, F1 {scan['f1']:.3f}, AUC {auc}")
+    if summary.get("froc"):
+        f = summary["froc"]
+        print(f"FROC: CPM {f['cpm']:.3f} over {f['n_nodules']} nodules in {f['n_scans']} scans; sensitivity at "
+              + ", ".join(f"{k} FP/scan {v:.2f}" for k, v in f["sensitivity_at"].items()))
+    for row in summary.get("by_size", []):
+        sens = "n/a" if row["sensitivity"] is None else f"{row['sensitivity']:.2f}"
+        print(f"  {row['size']:>8}: {row['detected']}/{row['nodules']} detected (sensitivity {sens})")
+    for fail in summary.get("failures", []):
+        print(f"  FAILED {fail['case']}: {fail['error']}")
