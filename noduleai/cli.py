@@ -61,7 +61,7 @@ def _detect_progress(progress: ProgressWriter, case: str, base: float, span: flo
 def cmd_detect(args) -> int:
     from noduleai.detect import Detector
     from noduleai.files import write_json_atomic
-    from noduleai.io import read_ct
+    from noduleai.io import load_ct
     from noduleai.report import write_detection
 
     detector = Detector.from_checkpoint(resolve_model_path(args.model), args.device, cam_method=args.cam,
@@ -75,10 +75,12 @@ def cmd_detect(args) -> int:
         base, span = index / len(cases), 1 / len(cases)
         try:
             progress.write("reading the CT", base, case=name, message=f"{name} ({index + 1}/{len(cases)})")
-            ct = read_ct(path, args.series_uid)
+            loaded = load_ct(path, args.series_uid)
+            ct = loaded.image
             result = detector.detect(ct, _detect_progress(progress, name, base, span))
             progress.write("writing results", base + 0.95 * span, case=name)
-            write_detection(result, ct, out, name, args.threshold)
+            write_detection(result, ct, out, name, args.threshold, source=loaded, dicom_out=args.dicom_out,
+                            include_identifiers=args.include_identifiers)
         except (CTInputError, RuntimeError, ValueError, OSError) as err:
             failed.append({"case": name, "input": str(path), "error": str(err)})
             progress.write("case failed", base + span, case=name, error=str(err))
@@ -231,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series-uid", help="DICOM SeriesInstanceUID to read (default: the CT series with most slices)")
     p.add_argument("--threshold", type=float, default=0.5, help="decision threshold on P(nodule)")
     p.add_argument("--max-candidates", type=int, default=20)
+    p.add_argument("--dicom-out", action=argparse.BooleanOptionalAction, default=None,
+                   help="write DICOM SR, SEG and Grad-CAM parametric map per case (default: on for DICOM input)")
+    p.add_argument("--include-identifiers", action="store_true",
+                   help="put patient name, ID, birth date and accession number into the JSON report")
     p.add_argument("--progress-json", metavar="FILE", help="append progress as JSON lines (phase, fraction in "
                                                          "[0, 1], case) to FILE, '-' for standard output")
     p.set_defaults(func=cmd_detect)

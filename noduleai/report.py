@@ -1,43 +1,71 @@
-"""Writing one case's detection outputs: heatmap, candidates (CSV, JSON), report, overlay PNGs.
+"""Writing one case's detection outputs: heatmap, regions, candidates (CSV, JSON), report, overlay PNGs
+and, for DICOM input, the DICOM set (SR, SEG, parametric map; see :mod:`noduleai.dicom_export`).
 
 Files are staged in a hidden folder and moved into place only when all of them were written, so a
-failing case leaves nothing half-written.
+failing case leaves nothing half-written (no partial DICOM set either).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import SimpleITK as sitk
 
 from noduleai.detect import DetectionResult
+from noduleai.dicom_export import candidate_regions, write_dicom_results
 from noduleai.files import write_json_atomic
 from noduleai.render import PLANES, render_overlays
 
+if TYPE_CHECKING:
+    from noduleai.io import LoadedCT
 
-def output_names(case_id: str, with_probability: bool) -> dict[str, str]:
-    names = {"heatmap": f"{case_id}_heatmap.nrrd", "candidates_csv": f"{case_id}_candidates.csv",
+
+def output_names(case_id: str, with_probability: bool, with_dicom: bool = False) -> dict[str, str]:
+    """File names of one case's outputs by kind (``dicom`` is a folder holding the DICOM set)."""
+    names = {"heatmap": f"{case_id}_heatmap.nrrd", "regions": f"{case_id}_regions.nrrd",
+             "candidates_csv": f"{case_id}_candidates.csv",
              "candidates_json": f"{case_id}_candidates.json", "report": f"{case_id}_report.json"}
     if with_probability:
         names["probability"] = f"{case_id}_probability.nrrd"
     names |= {plane: f"{case_id}_{plane}.png" for plane in PLANES}
+    if with_dicom:
+        names["dicom"] = f"{case_id}_dicom"
     return names
 
 
 def write_detection(result: DetectionResult, ct: sitk.Image, out_dir: str | os.PathLike, case_id: str,
-                    threshold: float = 0.5) -> dict[str, Path]:
-    """Write every output of one case into ``out_dir``; returns the paths by kind."""
+                    threshold: float = 0.5, *, source: LoadedCT | None = None, dicom_out: bool | None = None,
+                    include_identifiers: bool = False,
+                    review: Mapping[int, Mapping[str, str]] | None = None) -> dict[str, Path]:
+    """Write every output of one case into ``out_dir``; returns the paths by kind.
+
+    ``source`` is what :func:`noduleai.io.load_ct` returned for this case: its reader report goes into
+    the case report (chosen series, gaps, tilt, ITK warnings) and, for DICOM input, the DICOM set is
+    written to ``<case>_dicom/`` unless ``dicom_out`` is False (``dicom_out=True`` without a DICOM
+    source raises ValueError). Patient identifiers enter the JSON report only with
+    ``include_identifiers``. ``review`` (rank -> {"review": ..., "note": ...}) adds reviewer decisions
+    to the SR.
+    """
+    dicom_source = source.dicom if source is not None else None
+    if dicom_out and dicom_source is None:
+        raise ValueError(f"{case_id}: DICOM output needs a DICOM input (the SR, SEG and parametric map must "
+                         "reference a source series)")
+    with_dicom = dicom_source is not None and dicom_out is not False
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = output_names(case_id, result.probability_map is not None)
+    names = output_names(case_id, result.probability_map is not None, with_dicom)
     stage = out / f".staging-{case_id}-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
         sitk.WriteImage(result.heatmap, str(stage / names["heatmap"]), useCompression=True)
+        regions = candidate_regions(ct, result.candidates)
+        sitk.WriteImage(regions, str(stage / names["regions"]), useCompression=True)
         if result.probability_map is not None:
             sitk.WriteImage(result.probability_map, str(stage / names["probability"]), useCompression=True)
         rows = [c.to_dict() for c in result.candidates]
@@ -49,7 +77,18 @@ def write_detection(result: DetectionResult, ct: sitk.Image, out_dir: str | os.P
         pd.DataFrame(flat, columns=columns).to_csv(stage / names["candidates_csv"], index=False)
         write_json_atomic({"case": case_id, "coordinate_systems": {"position_lps": "LPS mm", "position_ras": "RAS mm"},
                            "candidates": rows}, stage / names["candidates_json"])
-        write_json_atomic(result.report(case_id, threshold) | {"files": names}, stage / names["report"])
+        dicom_files: dict[str, str] = {}
+        if with_dicom:
+            written = write_dicom_results(stage / names["dicom"], result.candidates, result.heatmap, ct,
+                                          dicom_source, result.model, regions=regions, review=review)
+            dicom_files = {kind: f"{names['dicom']}/{path.name}" for kind, path in written.items()}
+        report = result.report(case_id, threshold) | {"files": names | {f"dicom_{k}": v for k, v in
+                                                                          dicom_files.items()}}
+        if source is not None:
+            report["input"] = source.report
+            if include_identifiers:  # only on request: names, IDs and dates identify the patient
+                report["patient"] = dict(source.identifiers)
+        write_json_atomic(report, stage / names["report"])
         if result.candidates:
             point = result.candidates[0].position_lps
         else:  # no candidate: show the centre of the scan
@@ -57,7 +96,10 @@ def write_detection(result: DetectionResult, ct: sitk.Image, out_dir: str | os.P
         render_overlays(ct, result.heatmap, point, {p: stage / names[p] for p in PLANES},
                         title=f"{case_id}: P={result.scan_probability:.2f}")
         for name in names.values():
-            os.replace(stage / name, out / name)
+            target = out / name
+            if (stage / name).is_dir() and target.is_dir():
+                shutil.rmtree(target)  # a re-run replaces the previous DICOM set as a whole
+            os.replace(stage / name, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return {kind: out / name for kind, name in names.items()}
