@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 import slicer  # slicer-core: real MRML without the application
 from conftest import LIDC_0001, require
-from NoduleDetectLib.logic import DetectionLogic, image_from_volume_node
+from NoduleDetectLib.logic import DetectionLogic, heat_color_node, image_from_volume_node
 from slicer_scene import load_volume, new_scene, read_mrb
 
 from noduleai.checkpoint import bundled_model_path
@@ -143,6 +143,8 @@ def test_review_survives_mrb_save_and_reload_and_exports(processed, lidc_in_slic
     scene, ct = lidc_in_slicer
     logic, nodes = processed
     logic.set_review(nodes.table, 0, "accepted", "solid, follow up")
+    logic.set_review(nodes.table, 0, "accepted", "")  # Accept again without typing: the note stays
+    assert nodes.table.GetCellText(0, 7) == "solid, follow up"
     if nodes.table.GetNumberOfRows() > 1:
         logic.set_review(nodes.table, 1, "rejected")
     with pytest.raises(ValueError):
@@ -150,15 +152,48 @@ def test_review_survives_mrb_save_and_reload_and_exports(processed, lidc_in_slic
     r, a, s = logic.centre_on(nodes.table, 0)
     red = slicer.util.getNode("vtkMRMLSliceNodeRed")
     assert red.GetSliceToRAS().GetElement(2, 3) == pytest.approx(s, abs=1e-3)
-    paths = logic.export_review(nodes.table, tmp_path, "LIDC-IDRI-0001")
+    for folder in ("", "relative/folder"):  # never the process's working directory
+        with pytest.raises(ValueError, match="export folder"):
+            logic.export_review(nodes.table, folder)
+    other = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "another volume")  # selected now, not the case
+    paths = logic.export_review(nodes.table, tmp_path)
+    scene.RemoveNode(other)
+    assert paths["csv"].name == "LIDC-IDRI-0001_review.csv", "named after the results' case"
     assert "accepted" in paths["csv"].read_text() and "not for diagnosis" in paths["json"].read_text()
     mrb = tmp_path / "scene.mrb"
     assert scene.WriteToMRB(str(mrb))
     reloaded = read_mrb(mrb, tmp_path / "cache")
-    table = reloaded.GetFirstNodeByName(nodes.table.GetName())
-    assert table.GetCellText(0, 6) == "accepted" and table.GetCellText(0, 7) == "solid, follow up"
-    heat = reloaded.GetFirstNodeByName(nodes.heatmap.GetName())
-    assert heat is not None and heat.GetImageData().GetDimensions() == ct.GetImageData().GetDimensions()
+    again = DetectionLogic.nodes_for(reloaded.GetFirstNodeByName("LIDC-IDRI-0001"))
+    assert again is not None and again.table.GetName() == nodes.table.GetName(), "found from the reloaded scene"
+    assert again.case == "LIDC-IDRI-0001" and again.scan_probability == pytest.approx(nodes.scan_probability)
+    assert again.table.GetCellText(0, 6) == "accepted" and again.table.GetCellText(0, 7) == "solid, follow up"
+    DetectionLogic.set_review(again.table, 0, "rejected")  # marks go to the reloaded scene's table
+    assert DetectionLogic.review_rows(again.table)[0]["review"] == "rejected"
+    assert again.heatmap.GetImageData().GetDimensions() == ct.GetImageData().GetDimensions()
+
+
+def test_heatmap_display_follows_the_sliders_and_the_colour_table_logs_no_error(processed, lidc_in_slicer):
+    import vtk
+
+    scene, ct = lidc_in_slicer
+    _, nodes = processed
+    assert DetectionLogic.update_heatmap_display(ct, 0.8, 0.45)
+    assert nodes.heatmap.GetDisplayNode().GetLowerThreshold() == pytest.approx(0.45)
+    assert all(c.GetForegroundOpacity() == pytest.approx(0.8)
+               for c in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"))
+    assert not DetectionLogic.update_heatmap_display(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"), 0.5, 0.2)
+    DetectionLogic.update_heatmap_display(ct, 0.6, 0.25)  # back to the fixture's settings
+    # SetNamesInitialised logs "deprecated" through VTK's error macro on Slicer 5.10+: none may be logged.
+    messages = vtk.vtkStringOutputWindow()
+    previous = vtk.vtkOutputWindow.GetInstance()
+    vtk.vtkOutputWindow.SetInstance(messages)
+    try:
+        fresh = slicer.vtkMRMLScene()
+        table = heat_color_node(fresh)
+    finally:
+        vtk.vtkOutputWindow.SetInstance(previous)
+    assert "deprecated" not in messages.GetOutput() and messages.GetOutput() == ""
+    assert table.GetNumberOfColors() == 256 and table.GetColorName(255) == "heat255"
 
 
 def _render_red_slice(scene, ras, path):

@@ -1,36 +1,52 @@
 """Batch detection over a folder of scans, with no dialog: the same logic as the NoduleDetect panel.
 
-In Slicer: ``Slicer --no-main-window --python-script NoduleDetect/batch_detect.py -- --input DIR --output DIR``.
-Under plain Python with slicer-core (tests), :func:`run_batch` takes the scene to work in.
+In Slicer: ``Slicer --no-main-window --python-script NoduleDetect/Scripts/batch_detect.py -- --input DIR
+--output DIR``. Under plain Python with slicer-core (tests), :func:`run_batch` takes the scene to work in.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import slicer
 
 from noduleai import DISCLAIMER
-from noduleai.cli import expand_inputs
 from noduleai.files import write_json_atomic
+from noduleai.inputs import expand_inputs
 from noduleai.io import read_ct
+from noduleai.modelpath import ModelNotFoundError, resolve_model_path
 from noduleai.report import write_detection
 from NoduleDetectLib.logic import DetectionLogic, image_from_volume_node, update_volume_node
 
+EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
 
-def run_batch(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, model: str | os.PathLike,
-              scene: slicer.vtkMRMLScene, device: str = "auto") -> dict:
-    """Detect on every scan; per case heatmap, candidates, report and a ``.mrb`` scene; then a summary.
 
-    A case that fails is recorded and the batch goes on; nothing of it is left on disk.
-    """
+def check_output_folder(output: str | os.PathLike) -> Path:
+    """Create ``output`` if needed and prove it writable now, before minutes of detection (OSError if not)."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    logic = DetectionLogic()
-    logic.load_model(model, device)
+    probe = out / f".noduleai-write-test-{uuid.uuid4().hex}"
+    probe.write_bytes(b"")
+    probe.unlink()
+    return out
+
+
+def run_batch(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, model: str | os.PathLike,
+              scene: slicer.vtkMRMLScene, device: str = "auto", logic: DetectionLogic | None = None) -> dict:
+    """Detect on every scan; per case heatmap, candidates, report and a ``.mrb`` scene; then a summary.
+
+    A case that fails is recorded and the batch goes on; nothing of it is left on disk. ``logic`` with
+    the model already loaded may be passed in (else ``model`` is loaded on ``device``).
+    """
+    out = check_output_folder(output)
+    if logic is None:
+        logic = DetectionLogic()
+        logic.load_model(model, device)
     done, failed = [], []
     for name, path in expand_inputs(inputs):
         try:
@@ -52,17 +68,46 @@ def run_batch(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, mo
     return summary
 
 
+def plain_python_scene() -> slicer.vtkMRMLScene:
+    """A scene with the logics Slicer's application would register (volumes, markups, colours, subject
+    hierarchy), for running the batch under plain Python with slicer-core; sets ``slicer.mrmlScene``."""
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    logics = []
+    for name, cls in (("Colors", slicer.vtkSlicerColorLogic), ("Volumes", slicer.vtkSlicerVolumesLogic),
+                      ("Markups", slicer.vtkSlicerMarkupsLogic),
+                      ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic)):
+        logic = cls()
+        logic.SetMRMLScene(scene)
+        logic.SetMRMLApplicationLogic(app)
+        app.SetModuleLogic(name, logic)
+        logics.append(logic)
+    scene._noduleai_keep = (app, logics)  # the logics live as long as the scene
+    slicer.mrmlScene = scene
+    return scene
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=f"NoduleDetect batch mode. {DISCLAIMER}")
+    """The batch command: 0 all done, 1 some case failed, 2 bad arguments, missing model or unwritable output."""
+    parser = argparse.ArgumentParser(prog="batch_detect.py", description=f"NoduleDetect batch mode. {DISCLAIMER}")
     parser.add_argument("--input", nargs="+", required=True, help="scans or folders of scans")
     parser.add_argument("--output", required=True)
     parser.add_argument("--model", help="checkpoint (default: the bundled model)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
-    from noduleai.cli import _model_path
-
-    summary = run_batch(args.input, args.output, _model_path(args.model), slicer.mrmlScene, args.device)
+    try:
+        model = resolve_model_path(args.model)
+        check_output_folder(args.output)
+        logic = DetectionLogic()
+        logic.load_model(model, args.device)
+    except (ModelNotFoundError, OSError, ValueError) as err:  # CheckpointError is a ValueError
+        print(f"batch_detect: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    scene = slicer.mrmlScene if getattr(slicer, "mrmlScene", None) is not None else plain_python_scene()
+    summary = run_batch(args.input, args.output, model, scene, args.device, logic)
     for row in summary["failed"]:
         print(f"FAILED {row['case']}: {row['error']}")
-    print(f"{len(summary['succeeded'])} succeeded, {len(summary['failed'])} failed; {DISCLAIMER}")
-    return 0 if not summary["failed"] else 1
+    print(f"{len(summary['succeeded'])} succeeded, {len(summary['failed'])} failed; summary in "
+          f"{Path(args.output) / 'summary.json'}; {DISCLAIMER}")
+    return EXIT_OK if not summary["failed"] else EXIT_CASE_FAILED

@@ -24,6 +24,8 @@ from noduleai.io import validate_ct
 HEATMAP_REF = "NoduleAIHeatmap"
 CANDIDATES_REF = "NoduleAICandidates"
 TABLE_REF = "NoduleAITable"
+VOLUME_REF = "NoduleAIVolume"  # from the table back to its CT (case name, parent transform)
+CASE_ATTRIBUTE = "NoduleAI.case"
 COLOR_NODE_NAME = "NoduleAI Heat"
 REVIEW_STATES = ("unreviewed", "accepted", "rejected")
 TABLE_COLUMNS = ("rank", "probability", "diameter_mm", "R", "A", "S", "review", "note")
@@ -31,12 +33,25 @@ TABLE_COLUMNS = ("rank", "probability", "diameter_mm", "R", "A", "S", "review", 
 
 @dataclass
 class DetectionNodes:
-    """The scene nodes holding one CT's results."""
+    """The scene nodes holding one CT's results.
+
+    ``result`` is the engine's result right after a detection; None when the nodes were found in a
+    (reloaded) scene, where the table node holds everything the panel needs.
+    """
 
     heatmap: slicer.vtkMRMLScalarVolumeNode
     candidates: slicer.vtkMRMLMarkupsFiducialNode
     table: slicer.vtkMRMLTableNode
-    result: DetectionResult
+    result: DetectionResult | None = None
+
+    @property
+    def case(self) -> str:
+        """The case the results belong to: the CT's name when it was processed."""
+        return self.table.GetAttribute(CASE_ATTRIBUTE) or ""
+
+    @property
+    def scan_probability(self) -> float:
+        return float(self.table.GetAttribute("NoduleAI.scan_probability") or "nan")
 
 
 def _vtk_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
@@ -78,8 +93,7 @@ def heat_color_node(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLColorTableNode:
 
     node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", COLOR_NODE_NAME)
     node.SetTypeToUser()
-    node.SetNumberOfColors(256)
-    node.SetNamesInitialised(True)
+    node.SetNumberOfColors(256)  # SetColor names every entry (SetNamesInitialised is deprecated since 5.10)
     colours = colormaps["inferno"](np.linspace(0, 1, 256))
     for i, (r, g, b, _a) in enumerate(colours):
         node.SetColor(i, f"heat{i}", float(r), float(g), float(b), 1.0)
@@ -108,16 +122,23 @@ class DetectionLogic:
 
     def process(self, ct: slicer.vtkMRMLScalarVolumeNode, opacity: float = 0.5, threshold: float = 0.2,
                 progress: ProgressCallback | None = None) -> DetectionNodes:
-        """Detect on ``ct``; create or replace its heatmap, candidate points and table; show them.
+        """Detect on ``ct`` in this process; create or replace its heatmap, candidate points and table; show them.
 
         ``progress(fraction)`` returning True cancels (:class:`DetectionCancelled`) before any node is
-        touched, so a cancelled run leaves the scene as it was.
+        touched, so a cancelled run leaves the scene as it was. The panel runs detection in a background
+        process instead (:class:`NoduleDetectLib.process.BackgroundDetection`); batch mode uses this.
         """
         if self.detector is None:
             raise RuntimeError("no model loaded: choose the bundled model or a checkpoint file")
         image = image_from_volume_node(ct)
         validate_ct(image, ct.GetName())
         result = self.detector.detect(image, progress)
+        return self.show_result(ct, result, opacity, threshold)
+
+    def show_result(self, ct: slicer.vtkMRMLScalarVolumeNode, result: DetectionResult, opacity: float = 0.5,
+                    threshold: float = 0.2) -> DetectionNodes:
+        """Put a detection result of ``ct`` into the scene: reuse its result nodes on a re-run, place them under
+        the CT's parent transform (they follow it as the CT does), show the heatmap in every slice view."""
         name = ct.GetName()
         heatmap = _reference(ct, HEATMAP_REF, "vtkMRMLScalarVolumeNode", f"{name} NoduleAI heatmap")
         update_volume_node(heatmap, result.heatmap)
@@ -129,10 +150,32 @@ class DetectionLogic:
         table = _reference(ct, TABLE_REF, "vtkMRMLTableNode", f"{name} NoduleAI candidates table")
         self._fill_table(table, result)
         for key, value in (("NoduleAI.scan_probability", f"{result.scan_probability:.6f}"),
-                           ("NoduleAI.model", json.dumps(result.model)), ("NoduleAI.disclaimer", DISCLAIMER)):
+                           ("NoduleAI.model", json.dumps(result.model)), ("NoduleAI.disclaimer", DISCLAIMER),
+                           (CASE_ATTRIBUTE, name)):
             table.SetAttribute(key, value)
+        table.SetNodeReferenceID(VOLUME_REF, ct.GetID())
+        for node in (heatmap, points):
+            # Results are in the CT's own coordinates: under the same transform they stay on the anatomy.
+            node.SetAndObserveTransformNodeID(ct.GetTransformNodeID())
         self._group_under_study(ct, (heatmap, points, table))
         return DetectionNodes(heatmap, points, table, result)
+
+    @staticmethod
+    def nodes_for(ct: slicer.vtkMRMLScalarVolumeNode | None) -> DetectionNodes | None:
+        """The result nodes of ``ct`` as the scene holds them (also after a scene reload), or None."""
+        if ct is None:
+            return None
+        nodes = [ct.GetNodeReference(role) for role in (HEATMAP_REF, CANDIDATES_REF, TABLE_REF)]
+        return DetectionNodes(*nodes) if all(n is not None for n in nodes) else None
+
+    @classmethod
+    def update_heatmap_display(cls, ct: slicer.vtkMRMLScalarVolumeNode, opacity: float, threshold: float) -> bool:
+        """Apply opacity and lower threshold to ``ct``'s heatmap now (live sliders); False if it has none."""
+        nodes = cls.nodes_for(ct)
+        if nodes is None:
+            return False
+        cls._show_heatmap(ct, nodes.heatmap, opacity, threshold)
+        return True
 
     @staticmethod
     def _show_heatmap(ct, heatmap, opacity: float, threshold: float) -> None:
@@ -182,31 +225,52 @@ class DetectionLogic:
             sh.SetItemParent(item, folder)
 
     # -- review ------------------------------------------------------------------------------------------
+    # Every mark lives in the table node (saved with the scene): nothing is kept in Python between calls.
     @staticmethod
     def candidate_ras(table: slicer.vtkMRMLTableNode, row: int) -> tuple[float, float, float]:
+        """The candidate's position in its CT's own RAS coordinates (as detection found it), mm."""
         cols = [TABLE_COLUMNS.index(k) for k in ("R", "A", "S")]
         return tuple(float(table.GetTable().GetColumn(c).GetValue(row)) for c in cols)
 
+    @classmethod
+    def candidate_world_ras(cls, table: slicer.vtkMRMLTableNode, row: int) -> tuple[float, float, float]:
+        """The candidate's position in world RAS: through its CT's parent transform, as it is now."""
+        point = cls.candidate_ras(table, row)
+        ct = table.GetNodeReference(VOLUME_REF)
+        parent = ct.GetParentTransformNode() if ct is not None else None
+        if parent is None:
+            return point
+        to_world = vtk.vtkGeneralTransform()
+        slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(parent, None, to_world)
+        return tuple(float(v) for v in to_world.TransformPoint(point))
+
     def centre_on(self, table: slicer.vtkMRMLTableNode, row: int) -> tuple[float, float, float]:
-        """Centre every slice view on the candidate of ``row`` (RAS)."""
-        r, a, s = self.candidate_ras(table, row)
+        """Centre every slice view on the candidate of ``row``; returns that point (world RAS)."""
+        if not 0 <= row < table.GetNumberOfRows():
+            raise IndexError(f"row {row} is not a candidate row of {table.GetName()}")
+        r, a, s = self.candidate_world_ras(table, row)
         for slice_node in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
             slice_node.JumpSliceByCentering(r, a, s)
         return r, a, s
 
     @staticmethod
     def set_review(table: slicer.vtkMRMLTableNode, row: int, state: str, note: str | None = None) -> None:
-        """Mark a candidate accepted, rejected or unreviewed (kept in the scene, saved with it)."""
+        """Mark a candidate accepted, rejected or unreviewed in the table node (saved with the scene).
+
+        An empty or missing ``note`` keeps the note already there: Accept without typing must not erase it.
+        """
         if state not in REVIEW_STATES:
             raise ValueError(f"review must be one of {REVIEW_STATES}, not {state!r}")
         if not 0 <= row < table.GetNumberOfRows():
             raise IndexError(f"row {row} is not a candidate row of {table.GetName()}")
         table.SetCellText(row, TABLE_COLUMNS.index("review"), state)
-        if note is not None:
+        if note:
             table.SetCellText(row, TABLE_COLUMNS.index("note"), note)
+        table.Modified()
 
     @staticmethod
     def review_rows(table: slicer.vtkMRMLTableNode) -> list[dict]:
+        """The table's rows as dicts (rank, probability, diameter_mm, R, A, S in the CT's RAS, review, note)."""
         rows = []
         for r in range(table.GetNumberOfRows()):
             row = {}
@@ -217,16 +281,25 @@ class DetectionLogic:
             rows.append(row)
         return rows
 
-    def export_review(self, table: slicer.vtkMRMLTableNode, out_dir: str | os.PathLike, case: str) -> dict[str, Path]:
-        """Write ``<case>_review.csv`` and ``<case>_review.json`` (positions in RAS mm)."""
+    def export_review(self, table: slicer.vtkMRMLTableNode, out_dir: str | os.PathLike,
+                      case: str | None = None) -> dict[str, Path]:
+        """Write ``<case>_review.csv`` and ``<case>_review.json`` into ``out_dir`` (an absolute folder).
+
+        ``case`` defaults to the case the results belong to (not whatever volume is selected now).
+        Positions are the CT's own RAS coordinates in mm, like the detection files.
+        """
+        if out_dir in (None, "") or not Path(out_dir).is_absolute():
+            raise ValueError(f"choose an export folder (an absolute path), not {str(out_dir)!r}")
         import pandas as pd
 
+        case = case or table.GetAttribute(CASE_ATTRIBUTE) or table.GetName()
         out = Path(out_dir)
         rows = self.review_rows(table)
         paths = {"csv": out / f"{case}_review.csv", "json": out / f"{case}_review.json"}
         with atomic_path(paths["csv"]) as tmp:
             pd.DataFrame(rows, columns=list(TABLE_COLUMNS)).to_csv(tmp, index=False)
-        write_json_atomic({"case": case, "disclaimer": DISCLAIMER, "coordinate_system": "RAS mm (R, A, S)",
+        write_json_atomic({"case": case, "disclaimer": DISCLAIMER,
+                           "coordinate_system": "RAS mm (R, A, S) of the CT volume, before any parent transform",
                            "scan_probability": float(table.GetAttribute("NoduleAI.scan_probability") or "nan"),
                            "candidates": rows}, paths["json"])
         return paths
