@@ -110,6 +110,28 @@ def _check_grid(ct: sitk.Image, source: DicomSource, headers: Sequence[pydicom.D
                              f"{expected}; the CT passed is not the source series' grid")
 
 
+def _frames_in_volume_order(ds: pydicom.Dataset, ct: sitk.Image) -> None:
+    """Store the frames of a single-valued multi-frame image in the CT grid's slice order.
+
+    highdicom sorts frames along its own normal convention (for an axial CT: head first), which is valid
+    DICOM; dcmqi's paramap2itkimage (QuantitativeReporting) stacks frames in stored order from the lowest
+    position along row x column, so it needs ascending order to put the heatmap on the right slices.
+    """
+    normal = np.asarray(ct.GetDirection()).reshape(3, 3)[:, 2]
+    groups = ds.PerFrameFunctionalGroupsSequence
+    depth = [float(np.dot([float(v) for v in g.PlanePositionSequence[0].ImagePositionPatient], normal))
+             for g in groups]
+    order = np.argsort(depth, kind="stable")
+    if np.array_equal(order, np.arange(len(order))):
+        return
+    keyword = next(k for k in ("FloatPixelData", "DoubleFloatPixelData", "PixelData") if k in ds)
+    dtype = {"FloatPixelData": np.float32, "DoubleFloatPixelData": np.float64}.get(
+        keyword, np.uint16 if ds.BitsAllocated == 16 else np.uint8)
+    frames = np.frombuffer(getattr(ds, keyword), dtype).reshape(len(groups), -1)
+    setattr(ds, keyword, frames[order].tobytes())
+    ds.PerFrameFunctionalGroupsSequence = pydicom.Sequence([groups[i] for i in order])
+
+
 def _common(model: Mapping[str, Any], kind: str, title: str) -> dict[str, Any]:
     return {"series_instance_uid": generate_uid(), "series_number": SERIES_NUMBERS[kind],
             "sop_instance_uid": generate_uid(), "instance_number": 1, "manufacturer": "NoduleAI",
@@ -144,11 +166,9 @@ def write_dicom_results(out_dir: str | os.PathLike, candidates: Sequence[Any], h
     out.mkdir(parents=True, exist_ok=True)
     headers = _source_headers(source)
     _check_grid(ct, source, headers)
-    same_grid = not source.resampled and len(headers) == ct.GetSize()[2] and not any(
-        "NumberOfFrames" in h for h in headers)
-    # On the source grid highdicom references one source image per frame; otherwise frames carry
-    # their own positions and the objects reference the source series.
-    geometry = {} if same_grid else _geometry(ct)
+    # Frames carry explicit positions on the CT grid; where the grid is the source's, highdicom
+    # matches each frame to its source image by position (per-frame references).
+    geometry = _geometry(ct)
     regions = regions if regions is not None else candidate_regions(ct, candidates)
     tracking = {c.rank: generate_uid() for c in candidates}
     algorithm = hd.AlgorithmIdentificationSequence(name=str(model.get("name") or "NoduleAI")[:64],
@@ -189,6 +209,7 @@ def write_dicom_results(out_dir: str | os.PathLike, candidates: Sequence[Any], h
     anatomy.AnatomicRegionSequence = [THORAX]
     anatomy.FrameLaterality = "U"
     pmap.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [anatomy]
+    _frames_in_volume_order(pmap, ct)
     paths["pmap"] = out / DICOM_NAMES["pmap"]
     pmap.save_as(paths["pmap"])
 
@@ -205,9 +226,11 @@ def _structured_report(candidates: Sequence[Any], source: DicomSource, headers: 
                                               version=_model_version(model))
     groups = []
     for c in sorted(candidates, key=lambda c: c.rank):
+        # A diameter of 0 means the detector did not estimate one: no measurement rather than "0 mm".
         measurements = [
             hd.sr.Measurement(name=codes.SCT.Diameter, value=float(c.diameter_mm), unit=codes.UCUM.Millimeter,
-                              algorithm_id=algorithm),
+                              algorithm_id=algorithm)] if c.diameter_mm > 0 else []
+        measurements += [
             hd.sr.Measurement(name=codes.DCM.Probability, value=float(c.probability), unit=NO_UNITS,
                               algorithm_id=algorithm),
             hd.sr.Measurement(name=RANK, value=int(c.rank), unit=NO_UNITS, algorithm_id=algorithm),
