@@ -32,7 +32,7 @@ from pydicom.uid import generate_uid
 
 from noduleai import DISCLAIMER, __version__
 from noduleai.dicom_series import DicomSource
-from noduleai.geometry import lps_to_array_index
+from noduleai.regions import candidate_regions
 
 DICOM_NAMES = {"sr": "sr.dcm", "seg": "seg.dcm", "pmap": "heatmap_pmap.dcm"}
 SERIES_NUMBERS = {"sr": 9901, "seg": 9902, "pmap": 9903}
@@ -48,36 +48,6 @@ NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 CT_CHEST = hd.sr.CodedConcept("24627-2", "LN", "CT Chest")
 THORAX = hd.sr.CodedConcept("51185008", "SCT", "Thorax")
 GRADCAM = hd.sr.CodedConcept("GRADCAM", PRIVATE_SCHEME, "Grad-CAM relevance")
-
-
-def candidate_regions(ct: sitk.Image, candidates: Sequence[Any]) -> sitk.Image:
-    """Label map on the CT grid: voxels within half the estimated diameter of a candidate's centre.
-
-    The label is the candidate's rank; where spheres overlap the better-ranked candidate keeps the
-    voxel, and every candidate keeps at least its centre voxel, so each label is present.
-    """
-    size = ct.GetSize()
-    labels = np.zeros(size[::-1], np.uint16)
-    spacing = np.asarray(ct.GetSpacing())[::-1]  # (z, y, x) mm per voxel
-    # Direction is orthonormal on images this engine reads, so distances follow from index offsets.
-    for c in sorted(candidates, key=lambda c: c.rank, reverse=True):  # best rank painted last
-        centre = np.asarray(lps_to_array_index(ct, c.position_lps))
-        radius = max(float(c.diameter_mm) / 2, 0.5 * float(spacing.max()))
-        lo = np.maximum(np.floor(centre - radius / spacing), 0).astype(int)
-        hi = np.minimum(np.ceil(centre + radius / spacing) + 1, labels.shape).astype(int)
-        if np.any(hi <= lo):
-            continue
-        grids = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
-        dist2 = sum(((g - c0) * s) ** 2 for g, c0, s in zip(grids, centre, spacing))
-        box = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        box[dist2 <= radius**2] = c.rank
-    for c in candidates:  # a centre covered by a better candidate's sphere still marks its own label
-        z, y, x = np.clip(np.round(lps_to_array_index(ct, c.position_lps)).astype(int), 0, np.array(labels.shape) - 1)
-        if not np.any(labels == c.rank):
-            labels[z, y, x] = c.rank
-    image = sitk.GetImageFromArray(labels)
-    image.CopyInformation(ct)
-    return image
 
 
 def _source_headers(source: DicomSource) -> list[pydicom.Dataset]:

@@ -7,6 +7,7 @@ failing case leaves nothing half-written (no partial DICOM set either).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from collections.abc import Mapping
@@ -17,8 +18,8 @@ import pandas as pd
 import SimpleITK as sitk
 
 from noduleai.detect import DetectionResult
-from noduleai.dicom_export import candidate_regions, write_dicom_results
 from noduleai.files import write_json_atomic
+from noduleai.regions import candidate_regions
 from noduleai.render import PLANES, render_overlays
 
 if TYPE_CHECKING:
@@ -56,6 +57,13 @@ def write_detection(result: DetectionResult, ct: sitk.Image, out_dir: str | os.P
         raise ValueError(f"{case_id}: DICOM output needs a DICOM input (the SR, SEG and parametric map must "
                          "reference a source series)")
     with_dicom = dicom_source is not None and dicom_out is not False
+    dicom_note = None
+    if with_dicom and importlib.util.find_spec("highdicom") is None:
+        # Slicer 5.10 ships pydicom but not highdicom: the DICOM set is then skipped when it was only the
+        # default, and refused when it was asked for.
+        if dicom_out:
+            raise ValueError(f"{case_id}: DICOM output needs the Python package highdicom, which is not installed")
+        with_dicom, dicom_note = False, "DICOM set not written: highdicom is not installed"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = output_names(case_id, result.probability_map is not None, with_dicom)
@@ -79,11 +87,15 @@ def write_detection(result: DetectionResult, ct: sitk.Image, out_dir: str | os.P
                            "candidates": rows}, stage / names["candidates_json"])
         dicom_files: dict[str, str] = {}
         if with_dicom:
+            from noduleai.dicom_export import write_dicom_results
+
             written = write_dicom_results(stage / names["dicom"], result.candidates, result.heatmap, ct,
                                           dicom_source, result.model, regions=regions, review=review)
             dicom_files = {kind: f"{names['dicom']}/{path.name}" for kind, path in written.items()}
         report = result.report(case_id, threshold) | {"files": names | {f"dicom_{k}": v for k, v in
                                                                           dicom_files.items()}}
+        if dicom_note:
+            report["dicom_out"] = dicom_note
         if source is not None:
             report["input"] = source.report
             if include_identifiers:  # only on request: names, IDs and dates identify the patient
