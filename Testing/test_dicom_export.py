@@ -254,3 +254,31 @@ def test_dicom_out_needs_a_dicom_input(tmp_path):
     assert list(tmp_path.iterdir()) == []
     files = write_detection(result, loaded.image, tmp_path, "nrrd", source=loaded)  # default: no DICOM set
     assert "dicom" not in files and files["regions"].exists()
+
+
+def test_results_are_written_without_highdicom_and_the_dicom_set_is_skipped_or_refused(tmp_path, monkeypatch):
+    """Slicer 5.10 ships pydicom but not highdicom: detection results must still be written for DICOM input
+    (the DICOM set skipped, with a note, when it was only the default) and an explicit request refused."""
+    import importlib.util
+
+    series = tmp_path / "series"
+    series.mkdir()
+    paths = list(next(require(LIDC_0001).rglob("*.dcm")).parent.glob("*.dcm"))
+    z = {p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in paths}
+    for path in sorted(paths, key=z.get)[40:52]:  # 12 neighbouring slices (file names are not in z order)
+        shutil.copy(path, series / path.name)
+    loaded = load_ct(series)
+    heat = sitk.Image(loaded.image.GetSize(), sitk.sitkFloat32)
+    heat.CopyInformation(loaded.image)
+    result = DetectionResult(0.5, [], heat, None, True, {"name": "m"})
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "highdicom" else real_find_spec(name, *a))
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="needs the Python package highdicom"):
+        write_detection(result, loaded.image, out, "asked", source=loaded, dicom_out=True)
+    assert not out.exists() or list(out.iterdir()) == []
+    files = write_detection(result, loaded.image, out, "default", source=loaded)
+    report = json.loads(files["report"].read_text())
+    assert "dicom" not in files and not (out / "default_dicom").exists()
+    assert report["dicom_out"] == "DICOM set not written: highdicom is not installed"
