@@ -17,7 +17,9 @@ from NoduleDetectLib.process import BackgroundDetection, ProgressState
 from slicer_scene import load_volume, new_scene
 
 from noduleai.checkpoint import bundled_model_path
+from noduleai.modelpath import ModelNotFoundError, resolve_model_path
 from noduleai.process import BackgroundProcess
+from noduleai.progress import JsonLinesReader, ProgressWriter
 
 
 def _wait(condition, timeout: float, step: float = 0.1) -> bool:
@@ -168,3 +170,34 @@ def test_a_missing_model_is_refused_before_anything_starts(transformed_ct, tmp_p
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         job.start()
     assert job.process is None and list(tmp_path.iterdir()) == []
+
+
+def test_progress_lines_are_read_once_and_a_half_written_line_waits(tmp_path):
+    path = tmp_path / "progress.jsonl"
+    writer = ProgressWriter(path)
+    reader = JsonLinesReader(path)
+    assert reader.read_new() == []
+    writer.write("reading the CT", 0.0, case="a")
+    writer.write("scanning", 1.7)  # clamped into [0, 1]
+    assert [(r["phase"], r["fraction"]) for r in reader.read_new()] == [("reading the CT", 0.0), ("scanning", 1.0)]
+    with open(path, "a") as f:
+        f.write('{"phase": "half')  # a writer killed mid-line, or still writing
+    assert reader.read_new() == []
+    with open(path, "a") as f:
+        f.write('way", "fraction": 0.5}\nnot json\n')
+    assert [r["phase"] for r in reader.read_new()] == ["halfway"]
+    writer.close()
+
+
+def test_the_model_choice_is_explicit_then_handed_over_then_bundled(tmp_path):
+    bundled = bundled_model_path()
+    handed = tmp_path / "trained.pt"
+    handed.write_bytes(b"x")
+    explicit = tmp_path / "chosen.pt"
+    explicit.write_bytes(b"x")
+    assert resolve_model_path(explicit, handed) == explicit
+    assert resolve_model_path("", handed) == handed, "Use in NoduleDetect wins over the bundled model"
+    assert resolve_model_path(None, tmp_path / "deleted.pt") == bundled
+    assert resolve_model_path(None, "") == bundled
+    with pytest.raises(ModelNotFoundError, match="typo.pt"):
+        resolve_model_path(tmp_path / "typo.pt", handed)  # never a silent fall-back to another model

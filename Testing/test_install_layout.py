@@ -127,7 +127,7 @@ tree = sys.argv[1]
 import noduleai
 import noduleai.checkpoint as checkpoint
 from noduleai.process import engine_environment
-import NoduleDetectLib.logic, NoduleDetectLib.process, NoduleDetectLib.batch
+import NoduleDetectLib.logic, NoduleDetectLib.process, NoduleDetectLib.batch, NoduleDetectLib.environment
 import NoduleTrainingLib.logic
 env = engine_environment({})
 child = subprocess.run([sys.executable, "-S", "-c", "import noduleai; print(noduleai.__file__)"], env=env,

@@ -1,22 +1,36 @@
-"""The batch script on real scans and a broken file; NoduleTraining's background runs; the packaging."""
+"""The batch script (its real entry, in a child process) on real scans, a broken file and every setup failure;
+NoduleTraining's background runs (phases, resume, one run at a time, process-tree cancel); the packaging."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import slicer
 from conftest import LIDC_0001, RADIOMICS_IMAGE, REPO, TS_NIFTI, require
-from NoduleDetectLib.batch import run_batch
-from NoduleTrainingLib.logic import LAST_MODEL_KEY, TrainingLogic, TrainingParameters
+from launcher import gone, make_launcher, python_children
+from NoduleTrainingLib.logic import LAST_MODEL_KEY, TrainingLogic, TrainingParameters, read_history
 from slicer_scene import new_scene, read_mrb
 
+BATCH = REPO / "NoduleDetect" / "Scripts" / "batch_detect.py"
 
-def test_batch_script_processes_a_folder_and_names_the_broken_file(demo, tmp_path):
+
+def _batch(*args: str, timeout: float = 120, env: dict | None = None, python: str = sys.executable,
+           flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run the batch script's entry as ``Slicer --python-script`` would run its file, under plain Python."""
+    return subprocess.run([python, *flags, str(BATCH), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_batch_script_processes_a_folder_and_names_the_broken_file(tmp_path):
+    """LIDC-IDRI-0001 (DICOM), the TotalSegmentator NIfTI and a truncated NRRD, with the bundled model."""
     scans = tmp_path / "scans"
     scans.mkdir()
     series = next(p for p in require(LIDC_0001).rglob("*") if p.is_dir() and any(p.glob("*.dcm")))
@@ -24,17 +38,64 @@ def test_batch_script_processes_a_folder_and_names_the_broken_file(demo, tmp_pat
     shutil.copy(require(TS_NIFTI), scans / "example_ct.nii.gz")
     (scans / "broken.nrrd").write_bytes(require(RADIOMICS_IMAGE).read_bytes()[:4096])
     out = tmp_path / "out"
-    summary = run_batch([scans], out, demo.model_path, new_scene(), device="cpu")
+    done = _batch("--input", str(scans), "--output", str(out), "--device", "cpu", timeout=1200)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "FAILED broken" in done.stdout and "2 succeeded, 1 failed" in done.stdout
+    summary = json.loads((out / "summary.json").read_text())
     assert {r["case"] for r in summary["succeeded"]} == {"LIDC-IDRI-0001", "example_ct"}
     assert [r["case"] for r in summary["failed"]] == ["broken"] and "broken.nrrd" in summary["failed"][0]["error"]
-    assert json.loads((out / "summary.json").read_text())["failed"][0]["case"] == "broken"
+    assert summary["model"].endswith("noduleai_patch_v1.pt"), "the bundled model by default"
     for case in ("LIDC-IDRI-0001", "example_ct"):
         for suffix in ("_heatmap.nrrd", "_candidates.csv", "_candidates.json", "_report.json", ".mrb"):
             assert (out / f"{case}{suffix}").exists(), case + suffix
-    assert not list(out.glob("broken*"))
+    assert not list(out.glob("broken*")) and not list(out.glob(".*"))
+    new_scene()  # slicer.mrmlScene for slicer.util (the batch ran in its own process)
     scene = read_mrb(out / "example_ct.mrb", tmp_path / "cache")
     assert scene.GetFirstNodeByName("example_ct NoduleAI heatmap") is not None
-    assert scene.GetFirstNodeByName("example_ct NoduleAI candidates table") is not None
+    table = scene.GetFirstNodeByName("example_ct NoduleAI candidates table")
+    assert table is not None and table.GetAttribute("NoduleAI.case") == "example_ct"
+
+
+def test_batch_script_refuses_a_missing_model_at_once(tmp_path):
+    t0 = time.time()
+    done = _batch("--input", str(tmp_path), "--output", str(tmp_path / "out"), "--model", str(tmp_path / "no.pt"))
+    assert done.returncode == 2 and "no.pt: model file does not exist" in done.stderr, done.stderr[-2000:]
+    assert time.time() - t0 < 60 and not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_batch_script_refuses_an_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # root may write anywhere: a path through a file cannot be created
+    done = _batch("--input", str(require(TS_NIFTI)), "--output", str(blocker / "out"))
+    assert done.returncode == 2 and "batch_detect: error:" in done.stderr and "a-file" in done.stderr, done.stderr
+    done = _batch("--output", str(tmp_path / "out"))  # argparse: --input missing
+    assert done.returncode == 2 and "--input" in done.stderr
+
+
+def test_batch_script_ends_slicer_with_a_status_when_noduleai_cannot_be_imported(tmp_path):
+    """No site-packages (-S): NoduleDetectLib cannot import numpy, slicer or the engine. Under the Slicer
+    application the script must call slicer.util.exit(3) (Slicer would otherwise keep running); a stand-in
+    ``slicer`` package with an ``app`` records that call."""
+    fake = tmp_path / "fake" / "slicer"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("from . import util\napp = object()\n")
+    (fake / "util.py").write_text("import os\ndef exit(status=0):\n"
+                                  "    open(os.environ['EXIT_RECORD'], 'w').write(str(status))\n")
+    record = tmp_path / "exit.txt"
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(fake.parent), "EXIT_RECORD": str(record)}
+    done = _batch("--input", "x", "--output", str(tmp_path / "o"), env=env, flags=("-S",))
+    assert "cannot import NoduleAI" in done.stderr, done.stderr[-2000:]
+    assert record.read_text() == "3", "slicer.util.exit(3) was called"
+    plain = _batch("--input", "x", "--output", str(tmp_path / "o"), env={"PATH": os.environ["PATH"]}, flags=("-S",))
+    assert plain.returncode == 3 and "cannot import NoduleAI" in plain.stderr
+
+
+def test_batch_script_is_not_a_module_and_runs_only_as_a_script():
+    text = BATCH.read_text()
+    assert 'if __name__ == "__main__":' in text
+    imported = subprocess.run([sys.executable, "-c", f"import runpy; runpy.run_path({str(BATCH)!r}, "
+                               "run_name='batch_detect')"], capture_output=True, text=True, timeout=60)
+    assert imported.returncode == 0 and imported.stdout == "", "importing it (as Slicer's module scan would) is inert"
 
 
 @pytest.fixture(scope="module")
@@ -64,26 +125,44 @@ def test_training_runs_in_the_background_and_hands_its_model_to_detect(phantom_m
     settings: dict[str, str] = {}
     logic = TrainingLogic(settings)
     run = logic.start(_params(tmp_path / "run", phantom_manifest))
-    assert run.running  # start() returned while the process works
-    _wait(run, lambda: not run.running)
-    assert run.error() is None
-    assert [r["epoch"] for r in run.epochs] == [1, 2]
+    assert run.running and logic.is_running  # start() returned while the process works
+    with pytest.raises(RuntimeError, match="already going on"):
+        logic.start(_params(tmp_path / "other", phantom_manifest))
+    phases = []
+    _wait(run, lambda: phases.append(run.phase) or not run.running)
+    phases.append(run.phase)
+    assert run.error() is None and not logic.is_running
+    names = [p["phase"] for p in phases]
+    assert "preprocessing" in names and "training" in names and names[-1] == "done", names
+    assert any(p["phase"] == "preprocessing" and p["total"] == 6 for p in phases)
+    assert [r["epoch"] for r in run.epochs] == [1, 2] and run.resumed_epochs == []
     results = run.results()
     assert {"accuracy", "precision", "recall", "f1", "auc"} <= set(results["metrics"])
     assert results["confusion_matrix"].exists() and results["model_card"].exists()
     model = logic.use_in_detect(run)
     assert settings[LAST_MODEL_KEY] == str(model) and model.exists()
+    assert logic.handed_over_model() == model
 
 
-def test_cancelled_training_resumes_where_it_stopped(phantom_manifest, tmp_path):
-    logic = TrainingLogic()
+def test_cancel_kills_the_whole_training_tree_and_a_restart_resumes_with_its_history(phantom_manifest, tmp_path):
+    """Started through a launcher (as PythonSlicer starts python-real): Cancel leaves no process behind,
+    so nothing goes on writing into the folder; Start again resumes and reports the earlier epochs."""
+    logic = TrainingLogic(python=str(make_launcher(tmp_path)))
     params = _params(tmp_path / "run", phantom_manifest, epochs=3, max_steps=25)
     run = logic.start(params)
     _wait(run, lambda: len(run.epochs) >= 1 or not run.running)
+    assert run.running, run.error()
+    child = python_children(run.process.pid)[0].pid
     run.cancel()
-    assert not run.running and len(run.epochs) < 3
+    assert gone(run.process.pid) and gone(child), "python-real must not outlive Cancel"
+    assert not run.running and run.error() is None and run.phase["phase"] == "cancelled"
+    assert 1 <= len(run.epochs) < 3
+    size = (tmp_path / "run" / "progress.jsonl").stat().st_size
+    time.sleep(3)
+    assert (tmp_path / "run" / "progress.jsonl").stat().st_size == size, "nothing trains on after Cancel"
     resumed = logic.start(params)
-    assert [r["epoch"] for r in resumed.epochs] == [r["epoch"] for r in run.epochs]
+    assert [r["epoch"] for r in resumed.resumed_epochs] == [r["epoch"] for r in run.epochs]
+    assert read_history(tmp_path / "run") == resumed.resumed_epochs
     _wait(resumed, lambda: not resumed.running)
     assert resumed.error() is None
     assert [r["epoch"] for r in resumed.epochs] == [1, 2, 3]

@@ -24,6 +24,7 @@ import vtk
 from noduleai.geometry import geometry_from_ijk_to_ras
 from noduleai.process import BackgroundProcess, engine_environment
 from noduleai.progress import JsonLinesReader
+from NoduleDetectLib.environment import startup_environment
 from NoduleDetectLib.logic import DetectionLogic, DetectionNodes
 
 CASE = "ct"  # the file name of the written CT, hence the prefix of every output of the child
@@ -44,15 +45,6 @@ class ProgressState:
     def finished(self) -> bool:
         """Ended successfully: results can be loaded."""
         return not self.running and self.error is None and not self.cancelled and self.fraction >= 1.0
-
-
-def startup_environment() -> dict[str, str]:
-    """The environment for a child ``PythonSlicer``: Slicer's startup environment (the launcher sets up its
-    own paths, as ``slicer.util.launchConsoleProcess`` assumes), else this process's (plain Python)."""
-    try:
-        return dict(slicer.util.startupEnvironment())
-    except Exception:  # no slicer.app (slicer-core, tests): the current environment is the right one
-        return dict(os.environ)
 
 
 def write_volume_node(node: slicer.vtkMRMLScalarVolumeNode, path: str | os.PathLike) -> None:

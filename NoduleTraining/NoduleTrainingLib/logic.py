@@ -124,7 +124,9 @@ class TrainingRun:
         return self.process.running
 
     def cancel(self, timeout: float = 30.0) -> None:
-        """Kill the process tree; the last completed epoch stays on disk for a resume."""
+        """Kill the process tree; the last completed epoch stays on disk for a resume. No-op once it ended."""
+        if not self.running:
+            return
         self.cancelled = True
         self.process.kill(timeout)
         (self.out / PID_FILE).unlink(missing_ok=True)
@@ -159,7 +161,7 @@ class TrainingLogic:
                  environment: MutableMapping[str, str] | None = None):
         self.settings = settings if settings is not None else {}
         self.python = python
-        self.environment = environment  # None: this process's; in Slicer, its startup environment
+        self.environment = environment  # None: Slicer's startup environment (plain Python: this process's)
         self.active_run: TrainingRun | None = None
 
     @property
@@ -177,7 +179,13 @@ class TrainingLogic:
         command = params.command(self.python)
         out.mkdir(parents=True, exist_ok=True)
         (out / PHASE_FILE).unlink(missing_ok=True)  # the phase is of this process only; epochs stay (resume)
-        process = BackgroundProcess(command, out / "training.log", env=engine_environment(self.environment)).start()
+        if self.environment is None:
+            from NoduleDetectLib.environment import startup_environment  # one rule for both modules' children
+
+            base = startup_environment()
+        else:
+            base = self.environment
+        process = BackgroundProcess(command, out / "training.log", env=engine_environment(base)).start()
         try:
             proc = psutil.Process(process.pid)
             (out / PID_FILE).write_text(json.dumps({"pid": proc.pid, "create_time": proc.create_time()}))
