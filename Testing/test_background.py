@@ -37,6 +37,7 @@ def test_killing_the_launcher_alone_orphans_its_child_and_the_tree_kill_does_not
     alone = BackgroundProcess(sleeper, tmp_path / "a.log").start()
     assert _wait(lambda: python_children(alone.pid), 20)
     child = python_children(alone.pid)[0].pid
+    assert alone.poll() is None  # the panel's timer; the helper notes the process tree as it polls
     alone.popen.kill()  # what the old Cancel did: only the launcher
     alone.popen.wait(10)
     time.sleep(0.5)
@@ -90,12 +91,14 @@ def test_background_detection_reports_phases_and_its_results_follow_the_ct_trans
     states = _poll_until_done(job, 600)
     final = states[-1]
     assert final.finished and final.error is None, final
-    phases = [s.phase for s in states]
-    for phase in ("reading the CT", "preprocessing (lung mask, resampling)", "scanning the lung with the model",
-                  "Grad-CAM heatmaps", "finished"):
-        assert phase in phases, (phase, sorted(set(phases)))
+    seen = [s.phase for s in states]  # polled every 0.2 s: short phases may pass between two polls
+    assert "scanning the lung with the model" in seen and seen[-1] == "finished" and len(set(seen)) >= 4, seen
     fractions = [s.fraction for s in states]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    written = [r["phase"] for r in JsonLinesReader(job.folder / "progress.jsonl").read_new()]
+    order = ["reading the CT", "preprocessing (lung mask, resampling)", "scanning the lung with the model",
+             "Grad-CAM heatmaps", "writing results", "done"]
+    assert [p for p in dict.fromkeys(written) if p in order] == order, written
     nodes = job.load_results(opacity=0.4, threshold=0.3)
     job.cleanup()
     assert not job.folder.exists()
