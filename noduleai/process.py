@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+TAG_VARIABLE = "NODULEAI_PROCESS_TAG"
 
 
 def engine_pythonpath() -> str:
@@ -50,7 +53,10 @@ class BackgroundProcess:
                  cwd: str | os.PathLike | None = None):
         self.args = [str(a) for a in args]
         self.log_path = Path(log_path)
-        self.env = dict(env) if env is not None else None
+        # A tag every descendant inherits: finds the tree even after the launcher died and its child
+        # was re-parented away from it.
+        self.tag = uuid.uuid4().hex
+        self.env = dict(os.environ if env is None else env) | {TAG_VARIABLE: self.tag}
         self.cwd = cwd
         self.popen: subprocess.Popen | None = None
         self.killed = False
@@ -64,7 +70,6 @@ class BackgroundProcess:
         with open(self.log_path, "ab") as log:  # the child keeps its own handle
             self.popen = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                           env=self.env, cwd=self.cwd, **_hidden_window_options())
-        self._remember_tree()
         return self
 
     @property
@@ -72,22 +77,28 @@ class BackgroundProcess:
         return None if self.popen is None else self.popen.pid
 
     def _remember_tree(self) -> None:
-        """Note every live descendant: should the launcher die first, its orphans can still be found."""
-        if self.popen is None or self.popen.poll() is not None:
+        """Note every live descendant: by parentage while the launcher runs, and by the inherited tag."""
+        if self.popen is None:
             return
-        try:
-            root = psutil.Process(self.popen.pid)
-            for proc in [root, *root.children(recursive=True)]:
-                self._tree.setdefault(proc.pid, proc)
-        except psutil.Error:
-            pass
+        if self.popen.poll() is None:
+            try:
+                root = psutil.Process(self.popen.pid)
+                for proc in [root, *root.children(recursive=True)]:
+                    self._tree.setdefault(proc.pid, proc)
+            except psutil.Error:
+                pass
+        for proc in psutil.process_iter():
+            if proc.pid in self._tree:
+                continue
+            try:
+                if proc.environ().get(TAG_VARIABLE) == self.tag:
+                    self._tree[proc.pid] = proc
+            except psutil.Error:  # another user's process, or gone meanwhile
+                pass
 
     def poll(self) -> int | None:
         """The exit status, or None while it runs."""
-        if self.popen is None:
-            return None
-        self._remember_tree()
-        return self.popen.poll()
+        return None if self.popen is None else self.popen.poll()
 
     @property
     def running(self) -> bool:
