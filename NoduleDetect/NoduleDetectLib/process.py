@@ -70,13 +70,13 @@ class BackgroundDetection:
 
     def __init__(self, volume_node: slicer.vtkMRMLScalarVolumeNode, model_path: str | os.PathLike,
                  device: str = "auto", cam_method: str | None = None, cam_layer: str | None = None,
-                 python: str | os.PathLike = sys.executable, work_dir: str | os.PathLike | None = None):
+                 python: str | os.PathLike | None = None, work_dir: str | os.PathLike | None = None):
         self.volume_node = volume_node
         self.model_path = Path(model_path)
         self.device = device
         self.cam_method = cam_method or None
         self.cam_layer = cam_layer or None
-        self.python = str(python)
+        self.python = str(python or sys.executable)  # read now: Slicer sets it to PythonSlicer at start-up
         self._work_parent = work_dir
         self.folder: Path | None = None
         self.process: BackgroundProcess | None = None

@@ -48,10 +48,10 @@ class TrainingParameters:
     max_steps: int | None = SEED_RECIPE.max_steps_per_epoch
     negatives: int = SEED_RECIPE.negatives_per_case
 
-    def command(self, python: str = sys.executable) -> list[str]:
+    def command(self, python: str | None = None) -> list[str]:
         if bool(self.lidc_dir) == bool(self.manifest):
             raise ValueError("choose exactly one data source: an LIDC-IDRI DICOM folder or a case manifest")
-        cmd = [python, "-m", "noduleai", "-q", "train", "--out", self.output_dir, "--task", self.task,
+        cmd = [python or sys.executable, "-m", "noduleai", "-q", "train", "--out", self.output_dir, "--task", self.task,
                "--arch", self.arch, "--width", str(self.width), "--epochs", str(self.epochs),
                "--batch-size", str(self.batch_size), "--lr", str(self.lr), "--focal-gamma", str(self.focal_gamma),
                "--class-weights", self.class_weights, "--device", self.device, "--negatives", str(self.negatives)]
@@ -157,10 +157,10 @@ class TrainingLogic:
     (another Slicer, an orphan of an older version) trains into the same folder.
     """
 
-    def __init__(self, settings: MutableMapping[str, str] | None = None, python: str = sys.executable,
+    def __init__(self, settings: MutableMapping[str, str] | None = None, python: str | None = None,
                  environment: MutableMapping[str, str] | None = None):
         self.settings = settings if settings is not None else {}
-        self.python = python
+        self.python = python or sys.executable  # read now: Slicer sets it to PythonSlicer at start-up
         self.environment = environment  # None: Slicer's startup environment (plain Python: this process's)
         self.active_run: TrainingRun | None = None
 
