@@ -36,14 +36,18 @@ def engine_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def _hidden_window_options() -> dict[str, Any]:
-    """Popen options that keep Windows from opening a console window for the child (as
-    ``slicer.util.launchConsoleProcess`` does); nothing elsewhere."""
+    """Popen options that keep Windows from showing a console window for the child, as
+    ``slicer.util.launchConsoleProcess`` does; nothing elsewhere.
+
+    A hidden console (SW_HIDE), not CREATE_NO_WINDOW: with no console at all, the launcher's own console
+    child (python-real) would get a new, visible one; with a hidden one it inherits that.
+    """
     if os.name != "nt":
         return {}
     info = subprocess.STARTUPINFO()
     info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
     info.wShowWindow = 0  # SW_HIDE
-    return {"startupinfo": info, "creationflags": subprocess.CREATE_NO_WINDOW}
+    return {"startupinfo": info}
 
 
 class BackgroundProcess:
