@@ -79,7 +79,56 @@ def test_detection_finds_the_held_out_nodule_and_grad_cam_points_at_it(demo_dete
     assert abs(top.diameter_mm - truth.diameter_mm) < 0.5 * truth.diameter_mm
     assert top.position_ras == (-top.position_lps[0], -top.position_lps[1], top.position_lps[2])
     heat = sitk.GetArrayViewFromImage(result.heatmap)
-    peak = np.unravel_index(np.argmax(heat), heat.shape)
-    peak_lps = ct.TransformIndexToPhysicalPoint([int(v) for v in peak[::-1]])
-    assert np.linalg.norm(np.subtract(peak_lps, truth.center_lps)) < truth.diameter_mm / 2 + 1, \
-        "Grad-CAM peak inside the nodule"
+    distance = _distance_mm(ct, truth.center_lps)
+    # One nodule is one draw of the pointing game (see the next test for the rate): v1 asserted that the
+    # global peak fell inside it, which held for one trained model and failed for the next. What must
+    # hold for the top candidate is that the heatmap is strong on the nodule, not somewhere else only.
+    assert heat[distance <= truth.diameter_mm / 2 + 1].max() >= 0.5 * heat.max()
+    # No tile edges: on the faces of the top candidate's patch the heat has faded out (v1 pasted each
+    # candidate's map as a square patch, up to its full value at the border).
+    half = demo_detector.info.input_size[0] // 2 * np.asarray(demo_detector.info.preprocess_config.spacing_mm)
+    faces = _chebyshev_mm(ct, top.position_lps, half)
+    assert heat[(faces > 0.95) & (faces <= 1.0)].max() <= 0.1
+
+
+def _distance_mm(ct: sitk.Image, lps) -> np.ndarray:
+    """Distance (mm) of every voxel (z, y, x) of ``ct`` from the physical point ``lps``."""
+    centre = np.asarray(ct.TransformPhysicalPointToContinuousIndex(tuple(lps)))[::-1]
+    index = np.indices(ct.GetSize()[::-1], dtype=np.float32)
+    spacing = np.asarray(ct.GetSpacing()[::-1])
+    return np.sqrt(sum(((index[a] - centre[a]) * spacing[a]) ** 2 for a in range(3)))
+
+
+def _chebyshev_mm(ct: sitk.Image, lps, half_mm: np.ndarray) -> np.ndarray:
+    """Per voxel, the largest |offset| from ``lps`` along an axis in units of ``half_mm`` (x, y, z):
+    1.0 on the faces of the patch box centred there."""
+    centre = np.asarray(ct.TransformPhysicalPointToContinuousIndex(tuple(lps)))[::-1]
+    index = np.indices(ct.GetSize()[::-1], dtype=np.float32)
+    scale = np.asarray(ct.GetSpacing()[::-1]) / np.asarray(half_mm, float)[::-1]
+    return np.max([np.abs(index[a] - centre[a]) * scale[a] for a in range(3)], axis=0)
+
+
+def test_grad_cam_setting_chosen_on_validation_points_into_held_out_nodules(demo_detector, demo):
+    """The pointing game on held-out phantoms the model never saw (the demo's held-out one and four
+    more): the fraction of nodule patches whose CAM maximum lies inside the nodule, for the layer and
+    method the demo chose on its validation phantoms. Chance (a random voxel of the patch) is < 2 %."""
+    from noduleai.cam import pointing_scores
+    from noduleai.demo import nodule_patches
+    from noduleai.records import CaseRecord, NoduleRecord
+    from noduleai.synthetic import make_phantom
+
+    info = demo_detector.info
+    chosen = f"{info.cam_layer}/{info.cam_method}"
+    validation = info.metrics["cam_pointing_validation"]
+    assert validation[chosen] == max(v for k, v in validation.items() if "/" in k), "argmax on validation"
+    cases = [load_manifest(demo.out_dir / "held_out" / "manifest.json")[0]]
+    for seed in (5001, 5002, 5003, 5004):
+        phantom = make_phantom(seed, n_nodules=2)
+        path = demo.out_dir / f"pointing_{seed}.nrrd"
+        sitk.WriteImage(phantom.image, str(path))
+        nodules = [NoduleRecord(n.center_lps, n.diameter_mm, n.texture) for n in phantom.nodules]
+        cases.append(CaseRecord(str(seed), str(seed), str(path), 1, nodules))
+    patches, inside = nodule_patches(cases, info, seed=8)
+    assert len(patches) >= 30 and inside.mean() < 0.02
+    rate = pointing_scores(demo_detector.model, patches, inside, (info.cam_layer,), (info.cam_method,))[chosen]
+    assert rate >= 0.45, rate  # measured 0.61 (36 patches) with numpy 2.4.6 / MONAI 1.6.1 / torch 2.13.0
