@@ -111,7 +111,7 @@ def _chebyshev_mm(ct: sitk.Image, lps, half_mm: np.ndarray) -> np.ndarray:
 def test_grad_cam_setting_chosen_on_validation_points_into_held_out_nodules(demo_detector, demo):
     """The pointing game on held-out phantoms the model never saw (the demo's held-out one and four
     more): the fraction of nodule patches whose CAM maximum lies inside the nodule, for the layer and
-    method the demo chose on its validation phantoms. Chance (a random voxel of the patch) is < 2 %."""
+    method the demo chose on its validation phantoms. Chance (a random voxel of the patch) is about 5 %."""
     from noduleai.cam import pointing_scores
     from noduleai.demo import nodule_patches
     from noduleai.records import CaseRecord, NoduleRecord
@@ -129,6 +129,6 @@ def test_grad_cam_setting_chosen_on_validation_points_into_held_out_nodules(demo
         nodules = [NoduleRecord(n.center_lps, n.diameter_mm, n.texture) for n in phantom.nodules]
         cases.append(CaseRecord(str(seed), str(seed), str(path), 1, nodules))
     patches, inside = nodule_patches(cases, info, seed=8)
-    assert len(patches) >= 30 and inside.mean() < 0.02
+    assert len(patches) >= 30 and inside.mean() < 0.1  # measured 0.054: the chance of a random voxel
     rate = pointing_scores(demo_detector.model, patches, inside, (info.cam_layer,), (info.cam_method,))[chosen]
     assert rate >= 0.45, rate  # measured 0.61 (36 patches) with numpy 2.4.6 / MONAI 1.6.1 / torch 2.13.0
