@@ -6,24 +6,14 @@ import os
 
 import slicer
 import vtk
+from NoduleDetectLib.scene import plain_python_scene
 
 
 def new_scene() -> slicer.vtkMRMLScene:
-    """A scene with application, colour, volumes, markups and subject-hierarchy logics and the three
-    slice views (Red, Yellow, Green); ``slicer.mrmlScene`` points at it."""
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    slicer.mrmlScene = scene
-    logics = {}
-    for name, cls in (("Colors", slicer.vtkSlicerColorLogic), ("Volumes", slicer.vtkSlicerVolumesLogic),
-                      ("Markups", slicer.vtkSlicerMarkupsLogic),
-                      ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic)):
-        logic = cls()
-        logic.SetMRMLScene(scene)
-        logic.SetMRMLApplicationLogic(app)
-        app.SetModuleLogic(name, logic)
-        logics[name] = logic
+    """The batch's scene (application, colour, volumes, markups and subject-hierarchy logics) with the
+    default colour nodes and the three slice views (Red, Yellow, Green); ``slicer.mrmlScene`` points at it."""
+    scene = plain_python_scene()
+    app, logics = scene._noduleai_keep
     logics["Colors"].AddDefaultColorNodes()
     slice_logics = []
     for view in ("Red", "Yellow", "Green"):

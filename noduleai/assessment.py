@@ -42,6 +42,8 @@ def evaluate_cases(detector: Detector, cases: Sequence[CaseRecord], out_dir: str
     labels, scan_probs, detections, truths, failures, per_case = [], [], [], [], [], []
     textures: list[list[str]] = []
     for case in tqdm(cases, desc="evaluate", unit="scan", disable=not progress):
+        truths.append([(n.center_lps, n.diameter_mm) for n in case.nodules])
+        textures.append([n.texture or "unknown" for n in case.nodules])
         try:
             result = detector.detect(read_ct(case.image_path, case.series_uid))
         except Exception as err:  # recorded, and the evaluation goes on
@@ -50,16 +52,12 @@ def evaluate_cases(detector: Detector, cases: Sequence[CaseRecord], out_dir: str
             # per-scan false-positive rate. It has no scan probability, so it is left out of the
             # scan-level metrics (listed under "failures").
             detections.append([])
-            truths.append([(n.center_lps, n.diameter_mm) for n in case.nodules])
-            textures.append([n.texture or "unknown" for n in case.nodules])
             continue
         if on_result is not None:
             on_result(case, result)
         labels.append(case.label)
         scan_probs.append(result.scan_probability)
         detections.append([(c.position_lps, c.probability) for c in result.candidates])
-        truths.append([(n.center_lps, n.diameter_mm) for n in case.nodules])
-        textures.append([n.texture or "unknown" for n in case.nodules])
         per_case.append({"case": case.case_id, "label": case.label, "scan_probability": result.scan_probability,
                          "n_candidates": len(result.candidates), "n_nodules": len(case.nodules),
                          "nodules": [nodule_hit(result.candidates, n) for n in case.nodules]})

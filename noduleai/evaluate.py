@@ -84,7 +84,7 @@ def write_classification_report(out_dir: str | os.PathLike, y_true: Sequence[int
     return result
 
 
-Finding = tuple[Sequence[float], float]  # (centre or position in mm, diameter in mm or probability)
+Finding = tuple[Sequence[float], float]  # a reference finding: (centre in mm, diameter in mm)
 
 
 def hits(position_mm: Sequence[float], centre_mm: Sequence[float], diameter_mm: float) -> bool:

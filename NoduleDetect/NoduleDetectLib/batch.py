@@ -22,6 +22,7 @@ from noduleai.io import read_ct
 from noduleai.modelpath import ModelNotFoundError, resolve_model_path
 from noduleai.report import write_detection
 from NoduleDetectLib.logic import DetectionLogic, image_from_volume_node, update_volume_node
+from NoduleDetectLib.scene import plain_python_scene
 
 EXIT_OK, EXIT_CASE_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -66,26 +67,6 @@ def run_batch(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, mo
     summary = {"disclaimer": DISCLAIMER, "model": str(model), "succeeded": done, "failed": failed}
     write_json_atomic(summary, out / "summary.json")
     return summary
-
-
-def plain_python_scene() -> slicer.vtkMRMLScene:
-    """A scene with the logics Slicer's application would register (volumes, markups, colours, subject
-    hierarchy), for running the batch under plain Python with slicer-core; sets ``slicer.mrmlScene``."""
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    logics = []
-    for name, cls in (("Colors", slicer.vtkSlicerColorLogic), ("Volumes", slicer.vtkSlicerVolumesLogic),
-                      ("Markups", slicer.vtkSlicerMarkupsLogic),
-                      ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic)):
-        logic = cls()
-        logic.SetMRMLScene(scene)
-        logic.SetMRMLApplicationLogic(app)
-        app.SetModuleLogic(name, logic)
-        logics.append(logic)
-    scene._noduleai_keep = (app, logics)  # the logics live as long as the scene
-    slicer.mrmlScene = scene
-    return scene
 
 
 def main(argv: Sequence[str] | None = None) -> int:
