@@ -208,3 +208,22 @@ def test_no_logic_file_imports_the_command_line_module(module):
             continue
         assert not re.search(r"^\s*(from noduleai\.cli |from noduleai import cli|import noduleai\.cli)",
                              path.read_text(), re.M), path
+
+
+# Variables the top-level CMakeLists may read after find_package(Slicer): set by Slicer's
+# CMake/SlicerConfig.cmake.in (read at v5.6.0, v5.8.0, v5.10.0 and main 583e9b37). Slicer_VERSION is not
+# among them (only the version file's PACKAGE_VERSION), so a guard written on it would be unreliable.
+SLICER_CONFIG_SETS = {"Slicer_REQUIRED_PYTHON_VERSION", "Slicer_USE_FILE", "Slicer_REQUIRED_QT_VERSION"}
+
+
+def test_the_extension_refuses_a_slicer_whose_python_the_engine_cannot_run():
+    """Slicer 5.6/5.8 embed Python 3.9: configuring against them must stop, on the variable Slicer's config
+    really sets, at the engine's own minimum (pyproject.toml requires-python)."""
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    guard = re.search(r'if\((\w+) VERSION_LESS "([\d.]+)"\)\s*\n\s*message\(FATAL_ERROR', cmake)
+    assert guard, "no version guard before the modules"
+    variable, minimum = guard.groups()
+    assert variable in SLICER_CONFIG_SETS
+    requires = re.search(r'requires-python = ">=([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert minimum == requires
+    assert cmake.index(guard.group(0)) < cmake.index("add_subdirectory(")
