@@ -123,3 +123,22 @@ def test_froc_bootstrap_interval_brackets_the_estimate_and_narrows_with_more_sca
         assert all(a <= r.sensitivity_at[k] + 1e-9 and r.sensitivity_at[k] <= b + 1e-9
                    for k, (a, b) in r.sensitivity_at_ci.items())
     assert np.diff(large.cpm_ci)[0] < np.diff(small.cpm_ci)[0]
+
+
+def test_console_summary_states_the_interval_and_protocol_and_empty_size_bins(capsys):
+    """The demo and `noduleai evaluate` print every CPM with its 95 % interval and protocol; an empty size
+    bin (NaN after pandas) reads n/a, not nan."""
+    from noduleai.console import print_evaluation
+
+    truths = [[((0, 0, 0), 12.0)], [((0, 0, 0), 14.0)], [((0, 0, 0), 11.0)]]
+    detections = [[((0, 0, 1), 0.9), ((50, 0, 0), 0.4)], [((60, 0, 0), 0.7)], [((0, 1, 0), 0.6)]]
+    r = froc(detections, truths, bootstrap=200)
+    summary = {"froc": {"protocol": "LUNA16 test protocol", "cpm": r.cpm, "cpm_ci95": r.cpm_ci,
+                        "sensitivity_at": {str(k): v for k, v in r.sensitivity_at.items()},
+                        "n_nodules": r.n_nodules, "n_scans": r.n_scans},
+               "by_size": size_table(truths, r).to_dict("records")}
+    print_evaluation(summary)
+    out = capsys.readouterr().out
+    assert f"CPM {r.cpm:.3f} (95 % CI {r.cpm_ci[0]:.3f}-{r.cpm_ci[1]:.3f})" in out
+    assert "protocol: LUNA16 test protocol" in out
+    assert "<5 mm: 0/0 detected (sensitivity n/a)" in out and "nan" not in out

@@ -14,10 +14,15 @@ def print_evaluation(summary: dict[str, Any]) -> None:
               f" recall {scan['recall']:.3f}, F1 {scan['f1']:.3f}, AUC {auc}")
     if summary.get("froc"):
         f = summary["froc"]
-        print(f"FROC: CPM {f['cpm']:.3f} over {f['n_nodules']} nodules in {f['n_scans']} scans; sensitivity at "
+        ci = f" (95 % CI {f['cpm_ci95'][0]:.3f}-{f['cpm_ci95'][1]:.3f})" if f.get("cpm_ci95") else ""
+        print(f"FROC: CPM {f['cpm']:.3f}{ci} over {f['n_nodules']} nodules in {f['n_scans']} scans; sensitivity at "
               + ", ".join(f"{k} FP/scan {v:.2f}" for k, v in f["sensitivity_at"].items()))
+        if f.get("protocol"):
+            print(f"  protocol: {f['protocol']}")
     for row in summary.get("by_size", []):
-        sens = "n/a" if row["sensitivity"] is None else f"{row['sensitivity']:.2f}"
+        # pandas turns an empty bin's None into NaN on the way to the summary
+        empty = row["sensitivity"] is None or row["sensitivity"] != row["sensitivity"]
+        sens = "n/a" if empty else f"{row['sensitivity']:.2f}"
         print(f"  {row['size']:>8}: {row['detected']}/{row['nodules']} detected (sensitivity {sens})")
     for fail in summary.get("failures", []):
         print(f"  FAILED {fail['case']}: {fail['error']}")
