@@ -209,3 +209,43 @@ def size_table(truths: Sequence[Sequence[tuple[Sequence[float], float]]], result
                      "sensitivity": hits / len(probs) if probs else None,
                      "mean_best_probability": float(np.mean([p or 0.0 for p in probs])) if probs else None})
     return pd.DataFrame(rows)
+
+
+CANDIDATE_SIZE_BINS = (("3-5 mm", 0.0, 5.0), ("5-10 mm", 5.0, 10.0), ("10-30 mm", 10.0, 30.0),
+                       ("30-80 mm", 30.0, float("inf")))
+
+
+def candidate_stage(proposals: Sequence[Sequence[Sequence[float]]], truths: Sequence[Sequence[Finding]],
+                    limit: int = 50, min_diameter_mm: float = 5.0, bootstrap: int = 1000,
+                    seed: int = 0) -> dict[str, Any]:
+    """The candidate stage on its own: the share of reference nodules hit (:func:`hits`) by any of the
+    first ``limit`` proposals of their scan (``proposals[s]``: positions in mm, best first), for nodules
+    >= ``min_diameter_mm`` and by size, with the mean number of proposals per scan. The 95 % interval
+    resamples scans with replacement."""
+    if len(proposals) != len(truths):
+        raise ValueError("proposals and truths must have one entry per scan")
+    found = [[any(hits(p, c, d) for p in props[:limit]) for c, d in nods] for props, nods in zip(proposals, truths)]
+
+    def share(scans, low=min_diameter_mm, high=float("inf")) -> tuple[int, int]:
+        pairs = [(f, d) for s in scans for f, (_c, d) in zip(found[s], truths[s]) if low <= d < high]
+        return sum(f for f, _ in pairs), len(pairs)
+
+    scans = range(len(truths))
+    hit, total = share(scans)
+    result: dict[str, Any] = {
+        "limit": limit, "min_diameter_mm": min_diameter_mm, "scans": len(truths), "nodules": total,
+        "sensitivity": hit / total if total else None,
+        "candidates_per_scan": float(np.mean([min(len(p), limit) for p in proposals])) if proposals else 0.0,
+        "by_size": [{"size": name, "nodules": share(scans, lo, hi)[1],
+                     "sensitivity": (lambda h, n: h / n if n else None)(*share(scans, lo, hi))}
+                    for name, lo, hi in CANDIDATE_SIZE_BINS],
+    }
+    if bootstrap and len(truths) > 1 and total:
+        rng = np.random.default_rng(seed)
+        values = []
+        for _ in range(bootstrap):
+            h, n = share(rng.integers(0, len(truths), len(truths)))
+            if n:
+                values.append(h / n)
+        result["sensitivity_ci"] = tuple(float(v) for v in np.percentile(values, [2.5, 97.5]))
+    return result

@@ -217,7 +217,8 @@ class Host:
         return image
 
 
-def _placement_ok(host: Host, zyx, radius: float, placement: str) -> bool:
+def placement_ok(host: Host, zyx, radius: float, placement: str) -> bool:
+    """Does a lesion of ``radius`` (mm) centred at voxel ``zyx`` fit ``placement`` in ``host``?"""
     wall, vessel = float(host.wall_mm[zyx]), float(host.vessel_mm[zyx])
     if placement == "juxta_pleural":
         return radius - 1.0 <= wall <= radius + 1.5
@@ -244,7 +245,7 @@ def insert_nodules(host: Host, shapes: list[LesionShape], rng: np.random.Generat
         radius = scale * shape.diameter_mm / 2
         for _ in range(tries):
             zyx = tuple(lung_points[rng.integers(len(lung_points))])
-            if not _placement_ok(host, zyx, radius, placement):
+            if not placement_ok(host, zyx, radius, placement):
                 continue
             lps = np.asarray(host.image.TransformIndexToPhysicalPoint([int(v) for v in zyx[::-1]]))
             if any(np.linalg.norm(lps - np.asarray(c)) < r + radius + 10.0 for c, r in avoid):

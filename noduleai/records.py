@@ -29,13 +29,16 @@ class CaseRecord:
     label: int
     nodules: list[NoduleRecord] = field(default_factory=list)
     series_uid: str | None = None
+    excluded: list[NoduleRecord] = field(default_factory=list)  # findings neither hit nor missed (LUNA16)
 
     @classmethod
     def from_dict(cls, data: dict) -> CaseRecord:
         nodules = [NoduleRecord(tuple(n["center_lps"]), float(n["diameter_mm"]), n.get("texture"))
                    for n in data.get("nodules", [])]
+        excluded = [NoduleRecord(tuple(n["center_lps"]), float(n["diameter_mm"]), n.get("texture"))
+                    for n in data.get("excluded", [])]
         return cls(data["case_id"], data["patient_id"], data["image_path"], int(data["label"]), nodules,
-                   data.get("series_uid"))
+                   data.get("series_uid"), excluded)
 
 
 def save_manifest(cases: list[CaseRecord], path: str | os.PathLike) -> None:

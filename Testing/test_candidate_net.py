@@ -1,0 +1,107 @@
+"""The candidate network (MONAI BasicUNet) and the candidate stage measured on its own: proposals from a
+probability map, resumable training, weights-only checkpoints, the candidate-stage metric by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from noduleai.candidate_net import (
+    CandidateNetConfig,
+    PreparedCase,
+    load_candidate_net,
+    probability_map,
+    proposals_from_map,
+    sample_batch,
+    train_candidate_net,
+)
+from noduleai.checkpoint import CheckpointError
+from noduleai.evaluate import candidate_stage
+from noduleai.preprocess import PreprocessConfig
+
+TINY = dict(features=(4, 4, 8, 8, 16, 4), patch=32, batch_size=2, roi=32, steps=4, seed=3)
+
+
+def _ball(shape, centre, radius):
+    grid = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), -1)
+    return np.linalg.norm(grid - np.asarray(centre), axis=-1) <= radius
+
+
+def test_proposals_are_components_with_size_and_lung_contact():
+    shape = (40, 40, 40)
+    prob = np.zeros(shape, np.float32)
+    prob[_ball(shape, (10, 10, 10), 4)] = 0.9  # 8 voxels across at 2 mm: a 16-17 mm lesion
+    prob[_ball(shape, (30, 30, 12), 1.2)] = 0.6  # a small one
+    prob[_ball(shape, (30, 8, 30), 3)] = 0.95  # outside the lung region: not a candidate
+    lung = np.zeros(shape, bool)
+    lung[:, :25] = True
+    lung[25:, 25:] = True
+    lung[:, :, 26:] = False
+    found = proposals_from_map(prob, lung, (2.0, 2.0, 2.0), threshold=0.1)
+    assert len(found) == 2
+    assert found[0].score == pytest.approx(0.9) and found[1].score == pytest.approx(0.6)
+    assert np.allclose(found[0].zyx, (10, 10, 10), atol=0.01) and np.allclose(found[1].zyx, (30, 30, 12), atol=0.01)
+    assert found[0].diameter_mm == pytest.approx(2 * (3 * _ball(shape, (10, 10, 10), 4).sum() * 8 / (4 * np.pi))
+                                                 ** (1 / 3))
+    assert proposals_from_map(prob, lung, (2.0, 2.0, 2.0), threshold=0.1, limit=1) == found[:1]
+    assert proposals_from_map(np.zeros(shape, np.float32), lung, (2.0, 2.0, 2.0)) == []
+
+
+def _cases():
+    rng = np.random.default_rng(0)
+    cases = []
+    for k in range(2):
+        volume = rng.uniform(0.0, 0.1, (32, 32, 32)).astype(np.float32)
+        target = np.zeros(volume.shape, np.uint8)
+        ball = _ball(volume.shape, (16 + 3 * k, 14, 18), 3)
+        volume[ball], target[ball] = 0.7, 1
+        cases.append(PreparedCase(f"c{k}", volume, np.ones(volume.shape, bool), target, sitk.Image(32, 32, 32, 1)))
+    return cases
+
+
+def test_batches_depend_on_seed_and_step_only():
+    config = CandidateNetConfig(**TINY)
+    x1, y1 = sample_batch(_cases(), config, 7)
+    x2, y2 = sample_batch(_cases(), config, 7)
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    assert x1.shape == (2, 1, 32, 32, 32) and set(np.unique(y1)) <= {0.0, 1.0}
+    assert not np.array_equal(sample_batch(_cases(), config, 8)[0], x1)
+
+
+def test_training_resumes_to_the_same_weights_and_loads_weights_only(tmp_path):
+    config = CandidateNetConfig(**TINY)
+    pre = PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0))
+    whole = train_candidate_net(_cases(), config, pre, tmp_path / "whole", device="cpu", progress=False)
+    train_candidate_net(_cases(), config, pre, tmp_path / "resumed", device="cpu", progress=False,
+                        stop=lambda step: step == 2)  # cancelled after two steps
+    assert torch.load(tmp_path / "resumed" / "candidate_net.pt", weights_only=True)["step"] == 2
+    resumed = train_candidate_net(_cases(), config, pre, tmp_path / "resumed", device="cpu", progress=False)
+    a = torch.load(whole, weights_only=True)
+    b = torch.load(resumed, weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    net, loaded, preprocess = load_candidate_net(whole, "cpu")
+    assert loaded == config and preprocess == pre
+    prob = probability_map(net, _cases()[0].volume, loaded)
+    assert prob.shape == (32, 32, 32) and 0.0 <= prob.min() and prob.max() <= 1.0
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        load_candidate_net(tmp_path / "bad.pt")
+
+
+def test_candidate_stage_by_hand():
+    truths = [[((0, 0, 0), 10.0), ((50, 0, 0), 4.0)], [((0, 0, 0), 40.0)], []]
+    proposals = [[(30, 0, 0), (1, 1, 1)], [(100, 0, 0)] * 3 + [(5, 5, 5)], [(9, 9, 9)]]
+    result = candidate_stage(proposals, truths, limit=50, bootstrap=0)
+    assert result["nodules"] == 2 and result["sensitivity"] == 1.0  # the 4 mm nodule is below 5 mm
+    assert result["candidates_per_scan"] == pytest.approx(7 / 3)
+    assert candidate_stage(proposals, truths, limit=3, bootstrap=0)["sensitivity"] == 0.5  # 4th is cut
+    every = candidate_stage(proposals, truths, limit=50, min_diameter_mm=0.0, bootstrap=0)
+    assert every["nodules"] == 3 and every["sensitivity"] == pytest.approx(2 / 3)
+    sizes = {row["size"]: row for row in every["by_size"]}
+    assert sizes["3-5 mm"]["sensitivity"] == 0.0 and sizes["30-80 mm"]["sensitivity"] == 1.0
+    low, high = candidate_stage(proposals, truths, limit=3, bootstrap=200)["sensitivity_ci"]
+    assert 0.0 <= low <= 0.5 <= high <= 1.0

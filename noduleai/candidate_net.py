@@ -1,0 +1,278 @@
+"""Candidates from a fully convolutional network, trained the way it is used (issue 10, stage 1).
+
+A MONAI ``BasicUNet`` (narrow: CPU budget) segments lesions on the shared preprocessing's grid. It is
+trained on 64^3 crops of the v2 cohorts with per-voxel targets from their label maps (real lesions and
+pasted real crops), and used with ``sliding_window_inference`` and Gaussian blending over the whole
+lung region: the same network, the same grid, the same inputs. Candidates are the connected components
+of its probability map, with a size from the component. The v1 generator (inscribed-sphere blobs)
+capped sensitivity: 200 thickest blobs, nothing under ~7 mm on LIDC-IDRI-0001.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from noduleai.checkpoint import CheckpointError, safe_load
+from noduleai.files import atomic_path
+from noduleai.geometry import resample_like
+from noduleai.io import read_ct
+from noduleai.models import pick_device
+from noduleai.preprocess import PreprocessConfig, preprocess_ct
+
+CANDIDATE_FORMAT = "noduleai-candidate-net"
+CANDIDATE_FORMAT_VERSION = 1
+
+
+@dataclass
+class CandidateNetConfig:
+    """Network and training parameters, stored in the checkpoint."""
+
+    features: tuple[int, ...] = (8, 16, 32, 64, 128, 8)
+    patch: int = 64
+    batch_size: int = 4
+    lr: float = 2e-3
+    steps: int = 600
+    positive_share: float = 0.6  # share of crops centred near a lesion (lesions are a tiny share of voxels)
+    seed: int = 2026
+    roi: int = 96  # sliding window at inference
+    overlap: float = 0.25
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def build_net(config: CandidateNetConfig) -> torch.nn.Module:
+    """MONAI's BasicUNet: one input channel (normalised HU), one output (lesion logit)."""
+    from monai.networks.nets import BasicUNet
+
+    return BasicUNet(spatial_dims=3, in_channels=1, out_channels=1, features=tuple(config.features))
+
+
+@dataclass
+class PreparedCase:
+    """A case on the preprocessing grid: normalised CT, lung region, lesion target, geometry."""
+
+    case_id: str
+    volume: np.ndarray  # float32 (z, y, x) in [0, 1]
+    lung: np.ndarray  # bool
+    target: np.ndarray  # uint8: lesion label numbers
+    reference: sitk.Image  # empty image with the grid's geometry
+
+
+def prepare_case(image_path: str | os.PathLike, label_path: str | os.PathLike | None, config: PreprocessConfig,
+                 cache_dir: str | os.PathLike | None = None, case_id: str | None = None) -> PreparedCase:
+    """Preprocess a CT (and resample its label map onto the same grid), cached by file and config."""
+    image_path = Path(image_path)
+    case_id = case_id or image_path.stem
+    key = hashlib.sha256(json.dumps([str(image_path), _stamp(image_path), str(label_path),
+                                     _stamp(label_path), config.to_dict()], default=str).encode()).hexdigest()[:16]
+    cached = Path(cache_dir) / f"{case_id}-{key}.npz" if cache_dir else None
+    if cached is not None and cached.exists():
+        data = np.load(cached, allow_pickle=False)
+        reference = sitk.Image([int(v) for v in data["size"]], sitk.sitkUInt8)
+        reference.SetSpacing(tuple(data["spacing"]))
+        reference.SetOrigin(tuple(data["origin"]))
+        reference.SetDirection(tuple(data["direction"]))
+        return PreparedCase(case_id, data["volume"].astype(np.float32), data["lung"].astype(bool),
+                            data["target"], reference)
+    pre = preprocess_ct(read_ct(image_path), config)
+    if label_path is not None:
+        target = sitk.GetArrayFromImage(resample_like(sitk.ReadImage(str(label_path)), pre.image, linear=False))
+    else:
+        target = np.zeros(pre.array.shape, np.uint8)
+    reference = sitk.Image(pre.image.GetSize(), sitk.sitkUInt8)
+    reference.CopyInformation(pre.image)
+    prepared = PreparedCase(case_id, pre.array, pre.mask_array, target.astype(np.uint8), reference)
+    if cached is not None:
+        with atomic_path(cached) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, volume=prepared.volume.astype(np.float16), lung=prepared.lung, target=prepared.target,
+                     size=np.asarray(reference.GetSize()), spacing=np.asarray(reference.GetSpacing()),
+                     origin=np.asarray(reference.GetOrigin()), direction=np.asarray(reference.GetDirection()))
+    return prepared
+
+
+def _stamp(path) -> list | None:
+    if path is None:
+        return None
+    stat = Path(path).stat()
+    return [stat.st_size, int(stat.st_mtime)]
+
+
+# -- training -----------------------------------------------------------------------------------------
+def _crop(array: np.ndarray, start: np.ndarray, size: int, fill) -> np.ndarray:
+    out = np.full((size,) * 3, fill, array.dtype)
+    lo = np.maximum(start, 0)
+    hi = np.minimum(start + size, array.shape)
+    if np.all(hi > lo):
+        out[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))] = array[
+            tuple(slice(a, b) for a, b in zip(lo, hi))]
+    return out
+
+
+def sample_batch(cases: list[PreparedCase], config: CandidateNetConfig, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """A training batch for ``step``: crops near lesions and anywhere in the lungs, flipped, with
+    noise and thick-slice blur drawn per crop. Depends only on the seed and the step (resumable)."""
+    rng = np.random.default_rng([config.seed, step])
+    size = config.patch
+    xs, ys = [], []
+    for _ in range(config.batch_size):
+        case = cases[rng.integers(len(cases))]
+        lesion = np.argwhere(case.target[::2, ::2, ::2]) * 2 if rng.random() < config.positive_share else None
+        if lesion is not None and len(lesion):
+            centre = lesion[rng.integers(len(lesion))] + rng.integers(-size // 3, size // 3 + 1, 3)
+        else:
+            lung = np.argwhere(case.lung[::4, ::4, ::4]) * 4
+            centre = lung[rng.integers(len(lung))] if len(lung) else np.asarray(case.volume.shape) // 2
+        start = np.asarray(centre) - size // 2
+        x = _crop(case.volume, start, size, 0.0)
+        y = (_crop(case.target, start, size, 0) > 0).astype(np.float32)
+        for axis in range(3):
+            if rng.random() < 0.5:
+                x, y = np.flip(x, axis), np.flip(y, axis)
+        if rng.random() < 0.3:  # thicker slices than the source: blur along z
+            x = ndimage.gaussian_filter1d(x, rng.uniform(0.5, 2.0), axis=0)
+        x = x + rng.normal(0, rng.uniform(0, 0.02), x.shape)  # ~0-28 HU of extra noise
+        xs.append(np.ascontiguousarray(x, np.float32))
+        ys.append(np.ascontiguousarray(y))
+    return np.stack(xs)[:, None], np.stack(ys)[:, None]
+
+
+def train_candidate_net(cases: list[PreparedCase], config: CandidateNetConfig, preprocess: PreprocessConfig,
+                        out_dir: str | os.PathLike, device: str = "auto", progress: bool = True,
+                        save_every: int = 50, stop: Callable[[int], bool] | None = None) -> Path:
+    """Train (or resume) the candidate network; writes ``candidate_net.pt`` (atomically, every
+    ``save_every`` steps, with the optimiser) and returns its path.
+
+    ``stop(step)`` is asked after every step; True saves and returns early (a cancel), and a later call
+    goes on from there to the same weights as an uninterrupted run."""
+    from monai.losses import DiceCELoss
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "candidate_net.pt"
+    dev = pick_device(device)
+    torch.manual_seed(config.seed)
+    net = build_net(config).to(dev)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=1e-4)
+    step = 0
+    if path.exists():
+        payload = safe_load(path, CANDIDATE_FORMAT)
+        net.load_state_dict(payload["state_dict"])
+        optimiser.load_state_dict(payload["optimiser"])
+        step = int(payload["step"])
+    start = step  # the schedule's offset on resume (not ``step``, which the loop advances)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: float(0.5 * (1 + np.cos(np.pi * min(s + start, config.steps) / config.steps))))
+    loss_fn = DiceCELoss(sigmoid=True, batch=True)  # batch Dice: crops without a lesion still count
+    net.train()
+    t0, losses = time.perf_counter(), []
+    while step < config.steps:
+        x, y = sample_batch(cases, config, step)
+        loss = loss_fn(net(torch.from_numpy(x).to(dev)), torch.from_numpy(y).to(dev))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        losses.append(loss.item())
+        step += 1
+        stopping = stop is not None and stop(step)
+        if step % save_every == 0 or step == config.steps or stopping:
+            _save(path, net, optimiser, step, config, preprocess, {"loss_last_50": float(np.mean(losses[-50:]))})
+            if progress:
+                print(f"candidate net: step {step}/{config.steps}, loss {np.mean(losses[-50:]):.3f}, "
+                      f"{(time.perf_counter() - t0) / max(len(losses), 1):.2f} s/step", flush=True)
+        if stopping:
+            break
+    return path
+
+
+def _save(path: Path, net, optimiser, step: int, config: CandidateNetConfig, preprocess: PreprocessConfig,
+          metrics: dict) -> None:
+    payload = {"format": CANDIDATE_FORMAT, "format_version": CANDIDATE_FORMAT_VERSION, "step": step,
+               "config": config.to_dict(), "preprocess": preprocess.to_dict(), "metrics": metrics,
+               "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+               "optimiser": optimiser.state_dict()}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_candidate_net(path: str | os.PathLike, device: str = "auto"):
+    """The network (eval mode), its config and its preprocessing, from a checkpoint (weights only)."""
+    payload = safe_load(path, CANDIDATE_FORMAT)
+    try:
+        data = dict(payload["config"])
+        data["features"] = tuple(data["features"])
+        config = CandidateNetConfig(**data)
+        net = build_net(config)
+        net.load_state_dict(payload["state_dict"])
+        preprocess = PreprocessConfig.from_dict(payload["preprocess"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(path, f"not a valid candidate network ({err})") from err
+    return net.to(pick_device(device)).eval(), config, preprocess
+
+
+# -- inference ----------------------------------------------------------------------------------------
+def probability_map(net: torch.nn.Module, volume: np.ndarray, config: CandidateNetConfig) -> np.ndarray:
+    """P(lesion) per voxel: sliding windows with Gaussian blending (no tile edges)."""
+    from monai.inferers import sliding_window_inference
+
+    device = next(net.parameters()).device
+    with torch.no_grad():
+        logits = sliding_window_inference(torch.from_numpy(np.ascontiguousarray(volume, np.float32))[None, None]
+                                          .to(device), (config.roi,) * 3, 1, net, overlap=config.overlap,
+                                          mode="gaussian")
+    return torch.sigmoid(logits)[0, 0].cpu().numpy()
+
+
+@dataclass
+class Proposal:
+    """A candidate on the preprocessing grid: centre (z, y, x), volume-equivalent diameter, score."""
+
+    zyx: tuple[float, float, float]
+    diameter_mm: float
+    score: float
+
+
+def proposals_from_map(prob: np.ndarray, lung: np.ndarray, spacing_zyx, threshold: float = 0.1,
+                       limit: int = 50) -> list[Proposal]:
+    """Connected components of ``prob >= threshold`` touching the lung region, best first.
+
+    Score: the component's maximum; centre: probability-weighted centroid of its voxels above half
+    that maximum; size: volume-equivalent diameter of its voxels at P >= 0.5 (at least one voxel).
+    """
+    spacing_zyx = np.asarray(spacing_zyx, float)
+    components, n = ndimage.label(prob >= threshold)
+    if n == 0:
+        return []
+    index = np.arange(1, n + 1)
+    peak = ndimage.maximum(prob, components, index)
+    touches = ndimage.maximum(lung, components, index) > 0
+    boxes = ndimage.find_objects(components)
+    out = []
+    for k in np.argsort(-peak):
+        if not touches[k]:
+            continue
+        box = boxes[k]
+        region = components[box] == index[k]
+        core = region & (prob[box] >= 0.5 * peak[k])
+        weights = prob[box][core]
+        offset = np.asarray([s.start for s in box])
+        zyx = offset + (np.argwhere(core) * weights[:, None]).sum(0) / weights.sum()
+        voxels = max(int((region & (prob[box] >= 0.5)).sum()), 1)
+        diameter = float(2 * (3 * voxels * np.prod(spacing_zyx) / (4 * np.pi)) ** (1 / 3))
+        out.append(Proposal(tuple(float(v) for v in zyx), diameter, float(peak[k])))
+        if len(out) == limit:
+            break
+    return out
