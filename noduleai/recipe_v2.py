@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from noduleai.candidate_net import CandidateNetConfig
+from noduleai.config import TrainConfig
 from noduleai.preprocess import PreprocessConfig
 
 V2_SEED = 2026
@@ -26,6 +27,7 @@ COHORT_SIZES = {"train": 6, "validation": 2, "test": 3}
 # 2 mm: a 3 mm nodule still covers ~3 voxels, and a whole-lung pass costs 2.4x less than at 1.5 mm.
 CANDIDATE_PREPROCESS = PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0))
 CANDIDATE_LIMIT = 50
+CLASSIFIER_PREPROCESS = PreprocessConfig(spacing_mm=(1.5, 1.5, 1.5))
 
 
 def candidate_config(steps: int = 500) -> CandidateNetConfig:
@@ -49,9 +51,15 @@ class V2Paths:
     def candidate_run(self, fold: str) -> Path:
         return self.root / "candidates" / fold
 
+    def classifier_run(self, fold: str) -> Path:
+        return self.root / "classifier" / fold
+
+    def fold_result(self, fold: str) -> Path:
+        return self.root / "folds" / f"{fold}.json"
+
     @property
     def report(self) -> Path:
-        return self.root / "candidate_stage.json"
+        return self.root / "leave_one_host_out.json"
 
 
 def build_v2_cohorts(data_root: str | os.PathLike, paths: V2Paths, hosts: list[str] | None = None,
@@ -103,57 +111,164 @@ def candidate_proposals(net, config, prepared) -> list:
             for p in proposals_from_map(prob, prepared.lung, spacing, limit=CANDIDATE_LIMIT)]
 
 
-def leave_one_host_out(data_root: str | os.PathLike, work_dir: str | os.PathLike, steps: int = 500,
-                       hosts: list[str] | None = None, progress: bool = True) -> dict:
-    """Train one candidate network per held-out real host and measure it on that host alone."""
+def classifier_config(epochs: int = 4) -> TrainConfig:
+    """The v1 bundled classifier (ResNet-10 x0.125, 32^3 at 1.5 mm: 48 mm of context), trained on the
+    candidate network's own false positives among its negatives."""
+    return TrainConfig(task="patch", arch="resnet10_3d", width=0.125, epochs=epochs, batch_size=32, lr=1e-3,
+                       lr_schedule="cosine", loss="ce", class_weights="inverse", augment=True, seed=V2_SEED,
+                       patch_size=32, negatives_per_case=60, positive_repeats=8, jitter_mm=3.0,
+                       max_steps_per_epoch=80, device="auto")
+
+
+def training_record(case):
+    """A cohort case for classifier training: the host's real findings are positives too (they are in
+    the label map; a negative must never be drawn on them)."""
+    from noduleai.records import CaseRecord
+
+    return CaseRecord(case.case_id, case.patient_id, case.image_path, 1, list(case.nodules) + list(case.excluded))
+
+
+def mine_false_positives(net, config, cases, entries, paths: V2Paths, clearance_mm: float = 5.0) -> dict:
+    """The candidate network's proposals that hit no lesion (real or pasted), as voxel centres of the
+    classifier cache: the negatives the classifier will meet."""
+    from noduleai.geometry import lps_to_array_index
+
+    by_id = {e.case_id: e for e in entries}
+    mined = {}
+    for case, prepared in zip(cases, prepare(cases, paths)):
+        findings = list(case.nodules) + list(case.excluded)
+        reference = by_id[case.case_id].reference_image()
+        found = candidate_proposals(net, config, prepared)
+        mined[case.case_id] = [
+            [float(v) for v in lps_to_array_index(reference, p)] for p, _s, _d in found
+            if all(np.linalg.norm(np.subtract(p, n.center_lps)) > n.diameter_mm / 2 + clearance_mm for n in findings)]
+    return mined
+
+
+def fit_fold_temperature(detector, cases) -> tuple[float, dict]:
+    """Temperature on the validation cohorts' proposals (labelled by the hit rule; hits on excluded
+    findings left out), with the calibration error before and after."""
+    from noduleai.calibration import calibrated, expected_calibration_error, fit_temperature
+    from noduleai.evaluate import hits
+    from noduleai.geometry import lps_to_array_index
+    from noduleai.io import read_ct
+    from noduleai.preprocess import preprocess_ct
+
+    z, y = [], []
+    for case in cases:
+        ct = read_ct(case.image_path)
+        proposals, _map, _found = detector.propose(ct)
+        pre = preprocess_ct(ct, detector.info.preprocess_config)
+        kept = [(p, any(hits(p, n.center_lps, n.diameter_mm) for n in case.nodules)) for p, _s, _d in proposals
+                if not any(hits(p, n.center_lps, n.diameter_mm) for n in case.excluded)]
+        z += list(detector.logit_differences(pre.array, [np.asarray(lps_to_array_index(pre.image, p))
+                                                         for p, _ in kept]))
+        y += [int(h) for _, h in kept]
+    if len(set(y)) < 2:  # nothing to fit on: say so, keep the network's own probabilities
+        return 1.0, {"validation_proposals": len(y), "positives": int(sum(y)), "temperature": 1.0,
+                     "note": "not fitted: the validation proposals hold only one class"}
+    temperature = fit_temperature(z, y)
+    return temperature, {"validation_proposals": len(y), "positives": int(sum(y)), "temperature": temperature,
+                         "ece_before": expected_calibration_error(calibrated(z, 1.0), y),
+                         "ece_after": expected_calibration_error(calibrated(z, temperature), y)}
+
+
+def run_fold(held_out: str, cohorts: dict, real: dict, paths: V2Paths, candidate_steps: int, epochs: int,
+             progress: bool = True) -> dict:
+    """Both stages trained without host ``held_out`` and measured on it alone (see the protocol)."""
+    from noduleai.assessment import nodule_hit
+    from noduleai.cache import build_cache
     from noduleai.candidate_net import load_candidate_net, train_candidate_net
-    from noduleai.evaluate import candidate_stage, hits
-    from noduleai.files import write_json_atomic
+    from noduleai.checkpoint import load_model
+    from noduleai.detect_v2 import TwoStageDetector
+    from noduleai.evaluate import candidate_stage, froc, hits
+    from noduleai.io import read_ct
+    from noduleai.train import train
 
     say = print if progress else (lambda *a, **k: None)
+    others = [name for name in cohorts if name != held_out]
+    training = [c for name in others for c in cohorts[name]["train"]]
+    validation = [c for name in others for c in cohorts[name]["validation"]]
+    test_cases = cohorts[held_out]["test"]
+    say(f"fold {held_out}: candidate network on {len(training)} CTs of {', '.join(others)}")
+    net_path = train_candidate_net(prepare(training, paths), candidate_config(candidate_steps), CANDIDATE_PREPROCESS,
+                                   paths.candidate_run(held_out), progress=progress)
+    net, config, _ = load_candidate_net(net_path)
+    # Stage 1 alone, on the held-out host's test cohort.
+    proposals, truths = [], []
+    for case, prepared in zip(test_cases, prepare(test_cases, paths)):
+        found = candidate_proposals(net, config, prepared)
+        proposals.append([p for p, _s, _d in found if not any(hits(p, n.center_lps, n.diameter_mm)
+                                                               for n in case.excluded)])
+        truths.append([(n.center_lps, n.diameter_mm) for n in case.nodules])
+    stage1 = {"inserted": candidate_stage(proposals, truths, CANDIDATE_LIMIT),
+              "inserted_all_sizes": candidate_stage(proposals, truths, CANDIDATE_LIMIT, min_diameter_mm=0.0)}
+    say(f"fold {held_out}: candidate stage {stage1['inserted']['sensitivity']} of nodules >= 5 mm")
+    # Stage 2: the classifier, on the candidate network's false positives; test part = the held-out host.
+    records = [training_record(c) for c in training + validation] + list(test_cases)
+    entries, _ = build_cache(records, CLASSIFIER_PREPROCESS, paths.root / "classifier_cache", workers=1,
+                             progress=progress)
+    index = {e.case_id: i for i, e in enumerate(entries)}
+    parts = tuple([index[c.case_id] for c in part if c.case_id in index] for part in (training, validation, test_cases))
+    mined = mine_false_positives(net, config, training + validation, entries, paths)
+    result = train(entries, classifier_config(epochs), CLASSIFIER_PREPROCESS, paths.classifier_run(held_out),
+                   progress=progress, hard_negatives=mined, parts=parts)
+    classifier, info = load_model(result.best_model)
+    detector = TwoStageDetector(net, config, CANDIDATE_PREPROCESS, classifier, info, max_candidates=CANDIDATE_LIMIT)
+    detector.temperature, calibration = fit_fold_temperature(detector, validation)
+    say(f"fold {held_out}: temperature {detector.temperature:.2f}")
+    # Both stages on the held-out host: its test cohort and its original CT.
+    detections, excluded = [], []
+    for case in test_cases:
+        out = detector.detect(read_ct(case.image_path))
+        detections.append([(c.position_lps, c.probability) for c in out.candidates])
+        excluded.append([(n.center_lps, n.diameter_mm) for n in case.excluded])
+    curve = froc(detections, truths, excluded)
+    original = original_case(real[held_out])
+    out = detector.detect(read_ct(original.image_path))
+    kept = [c for c in out.candidates if not any(hits(c.position_lps, n.center_lps, n.diameter_mm)
+                                                 for n in original.excluded)]
+    real_rows = [nodule_hit(kept, n) | {"estimated_diameter_mm": next(
+        (c.diameter_mm for c in kept if hits(c.position_lps, n.center_lps, n.diameter_mm)), None)}
+        for n in original.nodules]
+    false = [c.probability for c in kept if not any(hits(c.position_lps, n.center_lps, n.diameter_mm)
+                                                    for n in original.nodules)]
+    return {
+        "held_out": held_out, "training_hosts": others, "training_cts": len(training),
+        "validation_cts": len(validation), "test_cts": len(test_cases),
+        "candidate_stage": stage1, "classifier_patch_test": result.test_metrics, "calibration": calibration,
+        "froc": {"cpm": curve.cpm, "cpm_ci": curve.cpm_ci, "nodules": curve.n_nodules, "scans": curve.n_scans,
+                 "sensitivity_at": curve.sensitivity_at},
+        "detections": detections, "truths": truths, "excluded": excluded,
+        "original_ct": {"real_lesions": real_rows, "false_positives_at": {t: sum(p >= t for p in false)
+                                                                          for t in (0.5, 0.9)}},
+    }
+
+
+def leave_one_host_out(data_root: str | os.PathLike, work_dir: str | os.PathLike, candidate_steps: int = 300,
+                       epochs: int = 4, hosts: list[str] | None = None, progress: bool = True) -> dict:
+    """One two-stage detector per held-out real host, each measured on that host alone; pooled FROC."""
+    import json
+
+    from noduleai.evaluate import froc
+    from noduleai.files import write_json_atomic
+
     paths = V2Paths(Path(work_dir))
     cohorts, real = build_v2_cohorts(data_root, paths, hosts, progress)
-    config = candidate_config(steps)
-    folds, pooled = {}, {"proposals": [], "truths": []}
+    folds = {}
     for held_out in cohorts:
-        training = [c for name, parts in cohorts.items() if name != held_out for c in parts["train"]]
-        say(f"fold {held_out}: training on {len(training)} CTs of {len(cohorts) - 1} other hosts")
-        net_path = train_candidate_net(prepare(training, paths), config, CANDIDATE_PREPROCESS,
-                                       paths.candidate_run(held_out), progress=progress)
-        net, config, _ = load_candidate_net(net_path)
-        test_cases = cohorts[held_out]["test"]
-        proposals, truths = [], []
-        for case, prepared in zip(test_cases, prepare(test_cases, paths)):
-            found = candidate_proposals(net, config, prepared)
-            proposals.append([p for p, _s, _d in found
-                              if not any(hits(p, n.center_lps, n.diameter_mm) for n in case.excluded)])
-            truths.append([(n.center_lps, n.diameter_mm) for n in case.nodules])
-        original = original_case(real[held_out])
-        found = candidate_proposals(net, config, prepare([original], paths, with_labels=False)[0])
-        kept = [(p, s, d) for p, s, d in found if not any(hits(p, n.center_lps, n.diameter_mm)
-                                                          for n in original.excluded)]
-        real_rows = []
-        for n in original.nodules:
-            rank = next((r for r, (p, _s, _d) in enumerate(kept, 1) if hits(p, n.center_lps, n.diameter_mm)), None)
-            real_rows.append({"diameter_mm": round(n.diameter_mm, 1), "rank": rank,
-                              "score": kept[rank - 1][1] if rank else None,
-                              "estimated_diameter_mm": round(kept[rank - 1][2], 1) if rank else None})
-        false = [s for p, s, _d in kept if not any(hits(p, n.center_lps, n.diameter_mm) for n in original.nodules)]
-        folds[held_out] = {
-            "training_cts": len(training), "test_cts": len(test_cases),
-            "inserted": candidate_stage(proposals, truths, CANDIDATE_LIMIT),
-            "inserted_all_sizes": candidate_stage(proposals, truths, CANDIDATE_LIMIT, min_diameter_mm=0.0),
-            "original_ct": {"real_lesions": real_rows, "proposals": len(kept),
-                            "false_positives_at_score": {t: sum(s >= t for s in false) for t in (0.1, 0.5, 0.9)}},
-        }
-        pooled["proposals"] += proposals
-        pooled["truths"] += truths
-        say(f"fold {held_out}: {folds[held_out]['inserted']['sensitivity']} of nodules >= 5 mm within "
-            f"{CANDIDATE_LIMIT}; original CT: {real_rows}")
+        done = paths.fold_result(held_out)
+        if done.exists():  # resumable: a finished fold is kept (its inputs are keyed folders)
+            folds[held_out] = json.loads(done.read_text())
+            continue
+        folds[held_out] = run_fold(held_out, cohorts, real, paths, candidate_steps, epochs, progress)
+        write_json_atomic(folds[held_out], done)
+    pooled = froc(*([x for f in folds.values() for x in f[key]] for key in ("detections", "truths", "excluded")))
     report = {"protocol": __doc__.split("Protocol: ")[1].strip(), "folds": folds,
-              "pooled_inserted": candidate_stage(pooled["proposals"], pooled["truths"], CANDIDATE_LIMIT),
-              "pooled_inserted_all_sizes": candidate_stage(pooled["proposals"], pooled["truths"], CANDIDATE_LIMIT,
-                                                           min_diameter_mm=0.0),
-              "config": config.to_dict(), "preprocess": CANDIDATE_PREPROCESS.to_dict()}
+              "pooled": {"cpm": pooled.cpm, "cpm_ci": pooled.cpm_ci, "nodules": pooled.n_nodules,
+                         "scans": pooled.n_scans, "sensitivity_at": pooled.sensitivity_at,
+                         "sensitivity_at_ci": pooled.sensitivity_at_ci},
+              "candidate_config": candidate_config(candidate_steps).to_dict(),
+              "classifier_config": classifier_config(epochs).to_dict()}
     write_json_atomic(report, paths.report)
     return report

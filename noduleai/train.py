@@ -103,7 +103,8 @@ def train(entries: Sequence[CacheEntry], config: TrainConfig, preprocess: Prepro
           on_epoch: Callable[[dict[str, float]], None] | None = None,
           should_stop: Callable[[], bool] | None = None,
           hard_negatives: Mapping[str, Sequence[Sequence[float]]] | None = None,
-          init_model: str | os.PathLike | None = None) -> TrainResult:
+          init_model: str | os.PathLike | None = None,
+          parts: tuple[Sequence[int], Sequence[int], Sequence[int]] | None = None) -> TrainResult:
     """Train on cached ``entries``; checkpoints go to ``out_dir``.
 
     Every epoch writes ``last_state.pt`` atomically; a run killed at any moment resumes from its last
@@ -111,7 +112,9 @@ def train(entries: Sequence[CacheEntry], config: TrainConfig, preprocess: Prepro
     the CPU). The best validation model is ``best_model.pt``; at the end it is evaluated on the test
     part and the seed's report (``test_results.csv``, ROC, confusion matrix) is written.
     ``hard_negatives`` (case id -> cached voxel centres) join the negatives of every part;
-    ``init_model`` (a model checkpoint of the same architecture) starts a fine-tuning run.
+    ``init_model`` (a model checkpoint of the same architecture) starts a fine-tuning run. ``parts``
+    (indices of ``entries`` for training, validation and test) replaces the split by patient, for
+    recipes whose protocol fixes the parts (e.g. by host and by the crops' LIDC patients).
     """
     out = Path(out_dir)
     rank, world = _distributed()
@@ -121,7 +124,7 @@ def train(entries: Sequence[CacheEntry], config: TrainConfig, preprocess: Prepro
     device = pick_device(config.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    parts = split_by_patient(entries, config.split, config.seed)
+    parts = parts if parts is not None else split_by_patient(entries, config.split, config.seed)
     train_set, val_set, test_set = _datasets(entries, parts, config, hard_negatives)
     if len(train_set) == 0 or len(val_set) == 0:
         raise ValueError(f"too little data: {len(entries)} cases give {len(train_set)} training and "

@@ -1,0 +1,119 @@
+"""Two-stage detection (v2): the candidate network proposes, the 3D ResNet decides and explains.
+
+1. The shared preprocessing on the candidate grid, the candidate network over the whole lung region
+   (sliding windows, Gaussian blending), its components as proposals with a size.
+2. The shared preprocessing on the classifier grid; each proposal's patch scored by the ResNet, the
+   logit difference divided by the validation-fitted temperature (:mod:`noduleai.calibration`).
+3. Grad-CAM (or Grad-CAM++) of the listed candidates, each blended with a Tukey window into one map on
+   the CT's own grid.
+The result has the v1 :class:`noduleai.detect.DetectionResult` type, so every writer and the Slicer
+module take it unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from noduleai.calibration import calibrated
+from noduleai.cam import blend_window, cam_to_ct, grad_cam
+from noduleai.candidate_net import CandidateNetConfig, probability_map, proposals_from_map
+from noduleai.checkpoint import ModelInfo
+from noduleai.detect import DetectionCancelled, DetectionResult, ProgressCallback, _candidate
+from noduleai.geometry import array_index_to_lps, image_from_array, lps_to_array_index, resample_like
+from noduleai.models import ResNet3D, pick_device
+from noduleai.patches import extract_patch, paste_patch_max
+from noduleai.preprocess import PreprocessConfig, preprocess_ct
+
+PROPOSAL_LIMIT = 50
+
+
+class TwoStageDetector:
+    """A candidate network and a calibrated patch classifier, ready to run on CT images in HU."""
+
+    def __init__(self, candidate_net: torch.nn.Module, candidate_config: CandidateNetConfig,
+                 candidate_preprocess: PreprocessConfig, classifier: ResNet3D, info: ModelInfo,
+                 temperature: float = 1.0, device: str | torch.device = "auto", max_candidates: int = 20,
+                 min_probability: float = 0.0, cam_method: str | None = None, cam_layer: str | None = None):
+        self.device = pick_device(device) if isinstance(device, str) else device
+        self.candidate_net = candidate_net.to(self.device).eval()
+        self.candidate_config = candidate_config
+        self.candidate_preprocess = candidate_preprocess
+        self.classifier = classifier.to(self.device).eval()
+        self.info = info
+        self.temperature = float(temperature)
+        self.max_candidates = max_candidates
+        self.min_probability = min_probability
+        self.cam_method = cam_method or info.cam_method
+        self.cam_layer = cam_layer or info.cam_layer
+        self._progress: ProgressCallback | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.info.name, "arch": self.info.arch, "width": self.info.width, "task": "two-stage",
+                "candidate_network": f"BasicUNet {list(self.candidate_config.features)}",
+                "temperature": self.temperature, "cam_method": self.cam_method, "cam_layer": self.cam_layer,
+                "device": str(self.device)}
+
+    def _report(self, fraction: float) -> None:
+        if self._progress is not None and self._progress(fraction):
+            raise DetectionCancelled("detection cancelled")
+
+    def propose(self, ct: sitk.Image) -> tuple[list[tuple[tuple[float, float, float], float, float]], sitk.Image,
+                                               bool]:
+        """Proposals (LPS, candidate score, diameter), best first; the candidate map on its grid; lungs found."""
+        pre = preprocess_ct(ct, self.candidate_preprocess)
+        self._report(0.15)
+        prob = probability_map(self.candidate_net, pre.array, self.candidate_config)
+        spacing = np.asarray(pre.image.GetSpacing()[::-1])
+        found = proposals_from_map(prob, pre.mask_array, spacing, limit=PROPOSAL_LIMIT)
+        return ([(array_index_to_lps(pre.image, p.zyx), p.score, p.diameter_mm) for p in found],
+                image_from_array(prob.astype(np.float32), pre.image), pre.lung_found)
+
+    def logit_differences(self, volume: np.ndarray, centres: list) -> np.ndarray:
+        """Classifier logit(nodule) - logit(other) for patches at ``centres`` (voxel z, y, x)."""
+        size = self.info.input_size[0]
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(centres), 32):
+                x = np.stack([extract_patch(volume, c, size) for c in centres[i:i + 32]])[:, None]
+                logits = self.classifier(torch.from_numpy(x).to(self.device)).cpu().numpy()
+                out.append(logits[:, 1] - logits[:, 0])
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def detect(self, ct: sitk.Image, progress: ProgressCallback | None = None) -> DetectionResult:
+        """Detect on a CT in HU; ``progress(fraction)`` returning True cancels (nothing is left behind)."""
+        self._progress = progress
+        t0 = time.perf_counter()
+        self._report(0.0)
+        proposals, candidate_map, lung_found = self.propose(ct)
+        timings = {"candidates": time.perf_counter() - t0}
+        self._report(0.6)
+        t = time.perf_counter()
+        pre = preprocess_ct(ct, self.info.preprocess_config)
+        volume = pre.array
+        centres = [np.asarray(lps_to_array_index(pre.image, p)) for p, _s, _d in proposals]
+        probs = calibrated(self.logit_differences(volume, centres), self.temperature)
+        order = [i for i in np.argsort(-probs, kind="stable") if probs[i] >= self.min_probability]
+        kept = order[:self.max_candidates]
+        timings["classifier"] = time.perf_counter() - t
+        self._report(0.8)
+        t = time.perf_counter()
+        cam_volume = np.zeros(volume.shape, np.float32)
+        size = self.info.input_size[0]
+        window = blend_window(size)
+        for i in kept:
+            patch = torch.from_numpy(extract_patch(volume, centres[i], size))[None, None].to(self.device)
+            cam, _ = grad_cam(self.classifier, patch, self.cam_layer, 1, self.cam_method)
+            paste_patch_max(cam_volume, cam[0] * window * float(probs[i]), centres[i])
+        heatmap = cam_to_ct(cam_volume, pre.image, ct)
+        timings["grad_cam"] = time.perf_counter() - t
+        candidates = [_candidate(rank, proposals[i][0], float(probs[i]), proposals[i][2])
+                      for rank, i in enumerate(kept, 1)]
+        timings["total"] = time.perf_counter() - t0
+        self._report(1.0)
+        return DetectionResult(max([c.probability for c in candidates], default=0.0), candidates, heatmap,
+                               resample_like(candidate_map, ct, linear=True), lung_found, self.describe(), timings)
