@@ -83,6 +83,14 @@ def test_training_resumes_to_the_same_weights_and_loads_weights_only(tmp_path):
     assert a["step"] == b["step"] == 4
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    # A checkpoint made from other cases is never resumed: the run starts afresh (same weights as new).
+    other = _cases()
+    other[0].target[:] = 0
+    train_candidate_net(other, config, pre, tmp_path / "stale", device="cpu", progress=False,
+                        stop=lambda step: step == 2)
+    fresh = train_candidate_net(_cases(), config, pre, tmp_path / "stale", device="cpu", progress=False)
+    c = torch.load(fresh, weights_only=True)
+    assert c["step"] == 4 and all(torch.equal(a["state_dict"][k], c["state_dict"][k]) for k in a["state_dict"])
     net, loaded, preprocess = load_candidate_net(whole, "cpu")
     assert loaded == config and preprocess == pre
     prob = probability_map(net, _cases()[0].volume, loaded)

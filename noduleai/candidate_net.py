@@ -167,11 +167,15 @@ def train_candidate_net(cases: list[PreparedCase], config: CandidateNetConfig, p
     net = build_net(config).to(dev)
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=1e-4)
     step = 0
+    key = data_key(cases, config, preprocess)
     if path.exists():
         payload = safe_load(path, CANDIDATE_FORMAT)
-        net.load_state_dict(payload["state_dict"])
-        optimiser.load_state_dict(payload["optimiser"])
-        step = int(payload["step"])
+        if payload.get("data_key") == key:
+            net.load_state_dict(payload["state_dict"])
+            optimiser.load_state_dict(payload["optimiser"])
+            step = int(payload["step"])
+        elif progress:  # made from other cases or settings: never resumed, started afresh
+            print(f"candidate net: {path} was trained on other data or settings; starting afresh", flush=True)
     start = step  # the schedule's offset on resume (not ``step``, which the loop advances)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda s: float(0.5 * (1 + np.cos(np.pi * min(s + start, config.steps) / config.steps))))
@@ -189,7 +193,8 @@ def train_candidate_net(cases: list[PreparedCase], config: CandidateNetConfig, p
         step += 1
         stopping = stop is not None and stop(step)
         if step % save_every == 0 or step == config.steps or stopping:
-            _save(path, net, optimiser, step, config, preprocess, {"loss_last_50": float(np.mean(losses[-50:]))})
+            _save(path, net, optimiser, step, config, preprocess, {"loss_last_50": float(np.mean(losses[-50:]))},
+                  key)
             if progress:
                 print(f"candidate net: step {step}/{config.steps}, loss {np.mean(losses[-50:]):.3f}, "
                       f"{(time.perf_counter() - t0) / max(len(losses), 1):.2f} s/step", flush=True)
@@ -198,9 +203,20 @@ def train_candidate_net(cases: list[PreparedCase], config: CandidateNetConfig, p
     return path
 
 
+def data_key(cases: list[PreparedCase], config: CandidateNetConfig, preprocess: PreprocessConfig) -> str:
+    """A hash of the training cases (ids, targets, a subsample of the volumes) and every setting: a
+    checkpoint is resumed only by the run that made it."""
+    digest = hashlib.sha256(json.dumps([config.to_dict(), preprocess.to_dict()], sort_keys=True).encode())
+    for case in cases:
+        digest.update(case.case_id.encode())
+        digest.update(np.ascontiguousarray(case.target).tobytes())
+        digest.update(np.ascontiguousarray(case.volume[::4, ::4, ::4], np.float16).tobytes())
+    return digest.hexdigest()
+
+
 def _save(path: Path, net, optimiser, step: int, config: CandidateNetConfig, preprocess: PreprocessConfig,
-          metrics: dict) -> None:
-    payload = {"format": CANDIDATE_FORMAT, "format_version": CANDIDATE_FORMAT_VERSION, "step": step,
+          metrics: dict, key: str) -> None:
+    payload = {"format": CANDIDATE_FORMAT, "format_version": CANDIDATE_FORMAT_VERSION, "step": step, "data_key": key,
                "config": config.to_dict(), "preprocess": preprocess.to_dict(), "metrics": metrics,
                "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                "optimiser": optimiser.state_dict()}

