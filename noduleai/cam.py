@@ -100,6 +100,21 @@ def blend_window(size: int) -> np.ndarray:
     return w[:, None, None] * w[None, :, None] * w[None, None, :]
 
 
+def blended_candidate_cams(model: nn.Module, volume: np.ndarray, centres: list, weights: list[float], size: int,
+                           layer: str, method: str, device: torch.device) -> np.ndarray:
+    """One map on ``volume``'s grid: each candidate's patch CAM (``size``^3 around its voxel centre),
+    tapered by :func:`blend_window`, scaled by its weight (its probability) and kept where highest."""
+    from noduleai.patches import extract_patch, paste_patch_max
+
+    out = np.zeros(volume.shape, np.float32)
+    window = blend_window(size)
+    for centre, weight in zip(centres, weights):
+        patch = torch.from_numpy(extract_patch(volume, centre, size))[None, None].to(device)
+        cam, _ = grad_cam(model, patch, layer, 1, method)
+        paste_patch_max(out, cam[0] * window * float(weight), centre)
+    return out
+
+
 def pointing_scores(model: nn.Module, patches: np.ndarray, inside: np.ndarray,
                     layers: tuple[str, ...] = CAM_LAYERS, methods: tuple[str, ...] = CAM_METHODS,
                     batch: int = 32) -> dict[str, float]:

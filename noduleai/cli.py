@@ -190,6 +190,10 @@ def cmd_demo(args) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------------------
+V1_WORK = "noduleai-output/bundled-model"
+V2_WORK = "noduleai-output/detector-v2"
+
+
 def cmd_build_model(args) -> int:
     epochs = {} if args.epochs is None else {"epochs": args.epochs}  # else each recipe's own default
     if args.scan_experiment:
@@ -200,6 +204,16 @@ def cmd_build_model(args) -> int:
         comparison = run_scan_experiment(args.data, args.work, progress=not args.quiet, **epochs)
         print(json.dumps({k: comparison[k] for k in ("test_cases", "positives", "blob_baseline_auc")}
                          | {"model_auc": comparison["model"].get("auc")}))
+        return EXIT_OK
+    if args.v2_leave_one_host_out:
+        import json
+
+        from noduleai.recipe_v2 import leave_one_host_out
+
+        work = args.work if args.work != V1_WORK else V2_WORK
+        report = leave_one_host_out(args.data, work, candidate_steps=args.candidate_steps, progress=not args.quiet,
+                                    with_classifier=not args.candidates_only, **epochs)
+        print(json.dumps({k: report[k] for k in ("pooled_candidate_stage", "pooled") if k in report}, indent=2))
         return EXIT_OK
     from noduleai.recipe import build_bundled_model
 
@@ -289,13 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-model", help="regenerate the bundled model: lesion insertion into the shared real CTs"
                                           " -> training -> evaluation against a baseline -> model card")
     p.add_argument("--data", required=True, help="the shared data folder (LIDC-IDRI/, radiomics/, totalsegmentator/)")
-    p.add_argument("--work", default="noduleai-output/bundled-model", help="work folder (cohorts, cache, run)")
+    p.add_argument("--work", default=V1_WORK, help=f"work folder (cohorts, cache, run; v2: {V2_WORK})")
     p.add_argument("--install-dir", help="where the model and its card go (default: Resources/Models)")
     p.add_argument("--epochs", type=int, help="patch model: first stage, default 8 (fine-tuning has 4); "
                                                "scan experiment: default 50 (the seed's)")
     p.add_argument("--scan-experiment", action="store_true",
                    help="instead: the seed's scan-level experiment on insertion CTs, against the baseline "
                         "(model and card in WORK/scan_run, not installed)")
+    p.add_argument("--v2-leave-one-host-out", action="store_true",
+                   help="instead: detector v2 (real nodule crops pasted into 4 real hosts, candidate network, "
+                        "calibrated ResNet) trained once per held-out host and measured on that host alone")
+    p.add_argument("--candidate-steps", type=int, default=250, help="v2: candidate network training steps")
+    p.add_argument("--candidates-only", action="store_true", help="v2: measure the candidate stage alone")
     p.set_defaults(func=cmd_build_model)
 
     p = sub.add_parser("demo", help="phantoms -> train -> evaluate -> detect, on the CPU, no download")

@@ -26,12 +26,12 @@ import torch
 from scipy import ndimage
 
 from noduleai import DISCLAIMER, __version__
-from noduleai.cam import blend_window, cam_to_ct, grad_cam
+from noduleai.cam import blended_candidate_cams, cam_to_ct, grad_cam
 from noduleai.candidates import TISSUE_THRESHOLD, blob_centres, inscribed_radius
 from noduleai.checkpoint import ModelInfo, load_model
 from noduleai.geometry import lps_to_ras, resample_like
 from noduleai.models import ResNet3D, pick_device
-from noduleai.patches import extract_patch, paste_patch_max
+from noduleai.patches import extract_patch
 from noduleai.preprocess import PreprocessedCT, preprocess_ct
 
 
@@ -195,13 +195,8 @@ class Detector:
         timings["candidates"] = time.perf_counter() - t
         self._report(0.9)
         t = time.perf_counter()
-        cam_volume = np.zeros(volume.shape, np.float32)
-        size = self.info.input_size[0]
-        window = blend_window(size)
-        for c, p, _d in kept:
-            patch = torch.from_numpy(extract_patch(volume, c, size))[None, None].to(self.device)
-            cam, _ = grad_cam(self.model, patch, self.cam_layer, 1, self.cam_method)
-            paste_patch_max(cam_volume, cam[0] * window * p, c)
+        cam_volume = blended_candidate_cams(self.model, volume, [c for c, _p, _d in kept], [p for _c, p, _d in kept],
+                                            self.info.input_size[0], self.cam_layer, self.cam_method, self.device)
         heatmap = cam_to_ct(cam_volume, pre.image, ct)
         probability_map = resample_like(_grid_image(grid, pre.image, stride), ct, linear=True)
         timings["grad_cam"] = time.perf_counter() - t

@@ -20,13 +20,13 @@ import SimpleITK as sitk
 import torch
 
 from noduleai.calibration import calibrated
-from noduleai.cam import blend_window, cam_to_ct, grad_cam
+from noduleai.cam import blended_candidate_cams, cam_to_ct
 from noduleai.candidate_net import CandidateNetConfig, probability_map, proposals_from_map
 from noduleai.checkpoint import ModelInfo
 from noduleai.detect import DetectionCancelled, DetectionResult, ProgressCallback, _candidate
 from noduleai.geometry import array_index_to_lps, image_from_array, lps_to_array_index, resample_like
 from noduleai.models import ResNet3D, pick_device
-from noduleai.patches import extract_patch, paste_patch_max
+from noduleai.patches import extract_patch
 from noduleai.preprocess import PreprocessConfig, preprocess_ct
 
 PROPOSAL_LIMIT = 50
@@ -102,13 +102,9 @@ class TwoStageDetector:
         timings["classifier"] = time.perf_counter() - t
         self._report(0.8)
         t = time.perf_counter()
-        cam_volume = np.zeros(volume.shape, np.float32)
-        size = self.info.input_size[0]
-        window = blend_window(size)
-        for i in kept:
-            patch = torch.from_numpy(extract_patch(volume, centres[i], size))[None, None].to(self.device)
-            cam, _ = grad_cam(self.classifier, patch, self.cam_layer, 1, self.cam_method)
-            paste_patch_max(cam_volume, cam[0] * window * float(probs[i]), centres[i])
+        cam_volume = blended_candidate_cams(self.classifier, volume, [centres[i] for i in kept],
+                                            [float(probs[i]) for i in kept], self.info.input_size[0],
+                                            self.cam_layer, self.cam_method, self.device)
         heatmap = cam_to_ct(cam_volume, pre.image, ct)
         timings["grad_cam"] = time.perf_counter() - t
         candidates = [_candidate(rank, proposals[i][0], float(probs[i]), proposals[i][2])

@@ -174,8 +174,9 @@ def fit_fold_temperature(detector, cases) -> tuple[float, dict]:
 
 
 def run_fold(held_out: str, cohorts: dict, real: dict, paths: V2Paths, candidate_steps: int, epochs: int,
-             progress: bool = True) -> dict:
-    """Both stages trained without host ``held_out`` and measured on it alone (see the protocol)."""
+             progress: bool = True, with_classifier: bool = True) -> dict:
+    """Both stages (or the candidate stage alone) trained without host ``held_out`` and measured on it
+    alone (see the protocol)."""
     from noduleai.assessment import nodule_hit
     from noduleai.cache import build_cache
     from noduleai.candidate_net import load_candidate_net, train_candidate_net
@@ -201,9 +202,21 @@ def run_fold(held_out: str, cohorts: dict, real: dict, paths: V2Paths, candidate
         proposals.append([p for p, _s, _d in found if not any(hits(p, n.center_lps, n.diameter_mm)
                                                                for n in case.excluded)])
         truths.append([(n.center_lps, n.diameter_mm) for n in case.nodules])
-    stage1 = {"inserted": candidate_stage(proposals, truths, CANDIDATE_LIMIT),
+    stage1 = {"proposals": proposals, "inserted": candidate_stage(proposals, truths, CANDIDATE_LIMIT),
               "inserted_all_sizes": candidate_stage(proposals, truths, CANDIDATE_LIMIT, min_diameter_mm=0.0)}
-    say(f"fold {held_out}: candidate stage {stage1['inserted']['sensitivity']} of nodules >= 5 mm")
+    original = original_case(real[held_out])
+    found = candidate_proposals(net, config, prepare([original], paths, with_labels=False)[0])
+    found = [f for f in found if not any(hits(f[0], n.center_lps, n.diameter_mm) for n in original.excluded)]
+    stage1["original_ct"] = {"proposals": len(found), "real_lesions": [
+        {"diameter_mm": round(n.diameter_mm, 1), "rank": next((r for r, f in enumerate(found, 1)
+                                                               if hits(f[0], n.center_lps, n.diameter_mm)), None)}
+        for n in original.nodules]}
+    say(f"fold {held_out}: candidate stage {stage1['inserted']['sensitivity']} of nodules >= 5 mm; "
+        f"original CT {stage1['original_ct']}")
+    fold = {"held_out": held_out, "training_hosts": others, "training_cts": len(training),
+            "test_cts": len(test_cases), "candidate_stage": stage1, "truths": truths}
+    if not with_classifier:
+        return fold
     # Stage 2: the classifier, on the candidate network's false positives; test part = the held-out host.
     records = [training_record(c) for c in training + validation] + list(test_cases)
     entries, _ = build_cache(records, CLASSIFIER_PREPROCESS, paths.root / "classifier_cache", workers=1,
@@ -224,7 +237,6 @@ def run_fold(held_out: str, cohorts: dict, real: dict, paths: V2Paths, candidate
         detections.append([(c.position_lps, c.probability) for c in out.candidates])
         excluded.append([(n.center_lps, n.diameter_mm) for n in case.excluded])
     curve = froc(detections, truths, excluded)
-    original = original_case(real[held_out])
     out = detector.detect(read_ct(original.image_path))
     kept = [c for c in out.candidates if not any(hits(c.position_lps, n.center_lps, n.diameter_mm)
                                                  for n in original.excluded)]
@@ -233,25 +245,25 @@ def run_fold(held_out: str, cohorts: dict, real: dict, paths: V2Paths, candidate
         for n in original.nodules]
     false = [c.probability for c in kept if not any(hits(c.position_lps, n.center_lps, n.diameter_mm)
                                                     for n in original.nodules)]
-    return {
-        "held_out": held_out, "training_hosts": others, "training_cts": len(training),
-        "validation_cts": len(validation), "test_cts": len(test_cases),
-        "candidate_stage": stage1, "classifier_patch_test": result.test_metrics, "calibration": calibration,
+    return fold | {
+        "validation_cts": len(validation), "classifier_patch_test": result.test_metrics, "calibration": calibration,
         "froc": {"cpm": curve.cpm, "cpm_ci": curve.cpm_ci, "nodules": curve.n_nodules, "scans": curve.n_scans,
                  "sensitivity_at": curve.sensitivity_at},
-        "detections": detections, "truths": truths, "excluded": excluded,
+        "detections": detections, "excluded": excluded,
         "original_ct": {"real_lesions": real_rows, "false_positives_at": {t: sum(p >= t for p in false)
                                                                           for t in (0.5, 0.9)}},
     }
 
 
 def leave_one_host_out(data_root: str | os.PathLike, work_dir: str | os.PathLike, candidate_steps: int = 300,
-                       epochs: int = 4, hosts: list[str] | None = None, progress: bool = True) -> dict:
-    """One two-stage detector per held-out real host, each measured on that host alone; pooled FROC."""
+                       epochs: int = 4, hosts: list[str] | None = None, progress: bool = True,
+                       with_classifier: bool = True) -> dict:
+    """One two-stage detector (or candidate network alone) per held-out real host, each measured on that
+    host alone; pooled candidate stage and FROC."""
     import hashlib
     import json
 
-    from noduleai.evaluate import froc
+    from noduleai.evaluate import candidate_stage, froc
     from noduleai.files import write_json_atomic
     from noduleai.real_cohort import KEY_FILE
 
@@ -260,22 +272,28 @@ def leave_one_host_out(data_root: str | os.PathLike, work_dir: str | os.PathLike
     # A finished fold is reused only when every cohort and setting that made it is unchanged.
     key = hashlib.sha256(json.dumps(
         [[json.loads((paths.cohort(h, p) / KEY_FILE).read_text())["key"] for h in cohorts for p in CROP_PARTS],
-         candidate_config(candidate_steps).to_dict(), classifier_config(epochs).to_dict()]).encode()).hexdigest()
+         candidate_config(candidate_steps).to_dict(), classifier_config(epochs).to_dict(), with_classifier]
+    ).encode()).hexdigest()
     folds = {}
     for held_out in cohorts:
         done = paths.fold_result(held_out)
         if done.exists() and json.loads(done.read_text()).get("key") == key:
             folds[held_out] = json.loads(done.read_text())
             continue
-        folds[held_out] = run_fold(held_out, cohorts, real, paths, candidate_steps, epochs, progress) | {"key": key}
+        folds[held_out] = run_fold(held_out, cohorts, real, paths, candidate_steps, epochs, progress,
+                                   with_classifier) | {"key": key}
         write_json_atomic(folds[held_out], done)
-    pooled = froc(*([x for f in folds.values() for x in f[key]] for key in ("detections", "truths", "excluded")))
+    truths = [t for f in folds.values() for t in f["truths"]]
     report = {"protocol": __doc__.split("Protocol: ")[1].strip(), "folds": folds,
-              "pooled": {"cpm": pooled.cpm, "cpm_ci": pooled.cpm_ci, "nodules": pooled.n_nodules,
-                         "scans": pooled.n_scans, "sensitivity_at": pooled.sensitivity_at,
-                         "sensitivity_at_ci": pooled.sensitivity_at_ci},
-              "candidate_config": candidate_config(candidate_steps).to_dict(),
-              "classifier_config": classifier_config(epochs).to_dict()}
+              "pooled_candidate_stage": candidate_stage(
+                  [p for f in folds.values() for p in f["candidate_stage"]["proposals"]], truths, CANDIDATE_LIMIT),
+              "candidate_config": candidate_config(candidate_steps).to_dict()}
+    if with_classifier:
+        pooled = froc(*([x for f in folds.values() for x in f[key]] for key in ("detections", "truths", "excluded")))
+        report["pooled"] = {"cpm": pooled.cpm, "cpm_ci": pooled.cpm_ci, "nodules": pooled.n_nodules,
+                            "scans": pooled.n_scans, "sensitivity_at": pooled.sensitivity_at,
+                            "sensitivity_at_ci": pooled.sensitivity_at_ci}
+        report["classifier_config"] = classifier_config(epochs).to_dict()
     write_json_atomic(report, paths.report)
     return report
 

@@ -1,0 +1,41 @@
+"""Detector v2's leave-one-host-out protocol, run for real on two hosts with token training: no fold's
+model sees its test host, no test lesion comes from a patient whose crops trained it, finished folds
+are reused only while nothing that made them changed. Slow (two hosts' cohorts, two folds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import SHARED_DATA, require
+
+from noduleai.crops import read_crop_index, split_by_patient
+from noduleai.recipe_v2 import CROP_PARTS, V2_SEED, V2Paths, leave_one_host_out
+
+
+@pytest.mark.slow
+def test_leave_one_host_out_keeps_hosts_and_patients_apart(tmp_path):
+    require(SHARED_DATA / "lidc-nodule-crops")
+    report = leave_one_host_out(SHARED_DATA, tmp_path, candidate_steps=2, epochs=1, hosts=["totalseg", "lung1"],
+                                progress=False)
+    assert set(report["folds"]) == {"totalseg", "lung1"}
+    paths = V2Paths(tmp_path)
+    parts = split_by_patient(read_crop_index(SHARED_DATA / "lidc-nodule-crops"), CROP_PARTS, V2_SEED)
+    trained_on = {c.patient_id for c in parts["train"]} | {c.patient_id for c in parts["validation"]}
+    for held_out, fold in report["folds"].items():
+        assert held_out not in fold["training_hosts"] and fold["training_hosts"]
+        test = json.loads((paths.cohort(held_out, "test") / "insertions.json").read_text())
+        sources = {n["source_patient"] for lesions in test.values() for n in lesions}
+        assert sources and not sources & trained_on
+        manifest = json.loads((paths.cohort(held_out, "test") / "manifest.json").read_text())
+        assert {c["patient_id"] for c in manifest} == {f"host:{held_out}"}
+        assert fold["froc"]["scans"] == fold["test_cts"] == len(manifest)
+        assert "temperature" in fold["calibration"]
+    stamp = paths.fold_result("lung1").stat().st_mtime_ns
+    again = leave_one_host_out(SHARED_DATA, tmp_path, candidate_steps=2, epochs=1, hosts=["totalseg", "lung1"],
+                               progress=False)
+    assert paths.fold_result("lung1").stat().st_mtime_ns == stamp  # unchanged inputs: the fold is reused
+    assert again["folds"]["lung1"]["key"] == report["folds"]["lung1"]["key"]
+    leave_one_host_out(SHARED_DATA, tmp_path, candidate_steps=3, epochs=1, hosts=["totalseg", "lung1"],
+                       progress=False)
+    assert paths.fold_result("lung1").stat().st_mtime_ns != stamp  # another setting: run again
