@@ -47,6 +47,12 @@ def test_proposals_are_components_with_size_and_lung_contact():
                                                  ** (1 / 3))
     assert proposals_from_map(prob, lung, (2.0, 2.0, 2.0), threshold=0.1, limit=1) == found[:1]
     assert proposals_from_map(np.zeros(shape, np.float32), lung, (2.0, 2.0, 2.0)) == []
+    # A 60 mm mass with a bumpy map (many local maxima inside) is one proposal of about its size.
+    big = (64, 64, 64)
+    ball = _ball(big, (32, 32, 32), 15)
+    bumpy = np.where(ball, 0.8 + 0.1 * np.random.default_rng(0).random(big), 0.0).astype(np.float32)
+    mass = proposals_from_map(bumpy, np.ones(big, bool), (2.0, 2.0, 2.0))
+    assert len(mass) == 1 and abs(mass[0].diameter_mm - 60.0) < 4.0
 
 
 def _cases():

@@ -281,7 +281,7 @@ class Proposal:
 
 def proposals_from_map(prob: np.ndarray, lung: np.ndarray, spacing_zyx, threshold: float = 0.05,
                        limit: int = 50, min_separation_mm: float = 8.0) -> list[Proposal]:
-    """Local maxima of ``prob`` in the lung region, best first, one per lesion.
+    """Local maxima of ``prob`` whose lesion is centred in the lung region, best first, one per lesion.
 
     Peaks (3-voxel neighbourhood) at or above ``threshold``; around each, the connected region at or
     above half its height (within 45 mm) gives the centre (probability-weighted) and the size
@@ -310,6 +310,8 @@ def proposals_from_map(prob: np.ndarray, lung: np.ndarray, spacing_zyx, threshol
         zyx = lo + (np.argwhere(region) * weights[:, None]).sum(0) / weights.sum()
         diameter = float(2 * (3 * region.sum() * np.prod(spacing_zyx) / (4 * np.pi)) ** (1 / 3))
         taken[box] |= region
+        if not inside[tuple(np.round(zyx).astype(int))]:  # the lesion's centre, not just its peak voxel
+            continue
         out.append(Proposal(tuple(float(v) for v in zyx), diameter, height))
         if len(out) == limit:
             break
