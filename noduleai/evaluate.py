@@ -92,6 +92,11 @@ def hits(position_mm: Sequence[float], centre_mm: Sequence[float], diameter_mm: 
     return float(np.linalg.norm(np.subtract(position_mm, centre_mm))) <= diameter_mm / 2
 
 
+def hits_any(position_mm: Sequence[float], findings) -> bool:
+    """Does a position hit any of ``findings`` (records with ``center_lps`` and ``diameter_mm``)?"""
+    return any(hits(position_mm, n.center_lps, n.diameter_mm) for n in findings)
+
+
 @dataclass
 class FrocResult:
     """Sensitivity against false positives per scan, over all thresholds, as the LUNA16 script computes it."""

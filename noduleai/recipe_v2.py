@@ -19,6 +19,7 @@ import numpy as np
 
 from noduleai.candidate_net import CandidateNetConfig
 from noduleai.config import TrainConfig
+from noduleai.detect_v2 import PROPOSAL_LIMIT as CANDIDATE_LIMIT
 from noduleai.preprocess import PreprocessConfig
 
 V2_SEED = 2026
@@ -26,7 +27,6 @@ CROP_PARTS = {"train": 0.7, "validation": 0.15, "test": 0.15}
 COHORT_SIZES = {"train": 6, "validation": 2, "test": 3}
 # 2 mm: a 3 mm nodule still covers ~3 voxels, and a whole-lung pass costs 2.4x less than at 1.5 mm.
 CANDIDATE_PREPROCESS = PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0))
-CANDIDATE_LIMIT = 50
 CLASSIFIER_PREPROCESS = PreprocessConfig(spacing_mm=(1.5, 1.5, 1.5))
 
 
@@ -149,7 +149,7 @@ def fit_fold_temperature(detector, cases) -> tuple[float, dict]:
     """Temperature on the validation cohorts' proposals (labelled by the hit rule; hits on excluded
     findings left out), with the calibration error before and after."""
     from noduleai.calibration import calibrated, expected_calibration_error, fit_temperature
-    from noduleai.evaluate import hits
+    from noduleai.evaluate import hits_any
     from noduleai.geometry import lps_to_array_index
     from noduleai.io import read_ct
     from noduleai.preprocess import preprocess_ct
@@ -159,8 +159,8 @@ def fit_fold_temperature(detector, cases) -> tuple[float, dict]:
         ct = read_ct(case.image_path)
         proposals, _map, _found = detector.propose(ct)
         pre = preprocess_ct(ct, detector.info.preprocess_config)
-        kept = [(p, any(hits(p, n.center_lps, n.diameter_mm) for n in case.nodules)) for p, _s, _d in proposals
-                if not any(hits(p, n.center_lps, n.diameter_mm) for n in case.excluded)]
+        kept = [(p, hits_any(p, case.nodules)) for p, _s, _d in proposals
+                if not hits_any(p, case.excluded)]
         z += list(detector.logit_differences(pre.array, [np.asarray(lps_to_array_index(pre.image, p))
                                                          for p, _ in kept]))
         y += [int(h) for _, h in kept]
@@ -182,7 +182,7 @@ def run_fold(held_out: str, cohorts: dict, real: dict, paths: V2Paths, candidate
     from noduleai.candidate_net import load_candidate_net, train_candidate_net
     from noduleai.checkpoint import load_model
     from noduleai.detect_v2 import TwoStageDetector
-    from noduleai.evaluate import candidate_stage, froc, hits
+    from noduleai.evaluate import candidate_stage, froc, hits, hits_any
     from noduleai.io import read_ct
     from noduleai.train import train
 
@@ -199,14 +199,13 @@ def run_fold(held_out: str, cohorts: dict, real: dict, paths: V2Paths, candidate
     proposals, truths = [], []
     for case, prepared in zip(test_cases, prepare(test_cases, paths)):
         found = candidate_proposals(net, config, prepared)
-        proposals.append([p for p, _s, _d in found if not any(hits(p, n.center_lps, n.diameter_mm)
-                                                               for n in case.excluded)])
+        proposals.append([p for p, _s, _d in found if not hits_any(p, case.excluded)])
         truths.append([(n.center_lps, n.diameter_mm) for n in case.nodules])
     stage1 = {"proposals": proposals, "inserted": candidate_stage(proposals, truths, CANDIDATE_LIMIT),
               "inserted_all_sizes": candidate_stage(proposals, truths, CANDIDATE_LIMIT, min_diameter_mm=0.0)}
     original = original_case(real[held_out])
     found = candidate_proposals(net, config, prepare([original], paths, with_labels=False)[0])
-    found = [f for f in found if not any(hits(f[0], n.center_lps, n.diameter_mm) for n in original.excluded)]
+    found = [f for f in found if not hits_any(f[0], original.excluded)]
     stage1["original_ct"] = {"proposals": len(found), "real_lesions": [
         {"diameter_mm": round(n.diameter_mm, 1), "rank": next((r for r, f in enumerate(found, 1)
                                                                if hits(f[0], n.center_lps, n.diameter_mm)), None)}
@@ -238,13 +237,11 @@ def run_fold(held_out: str, cohorts: dict, real: dict, paths: V2Paths, candidate
         excluded.append([(n.center_lps, n.diameter_mm) for n in case.excluded])
     curve = froc(detections, truths, excluded)
     out = detector.detect(read_ct(original.image_path))
-    kept = [c for c in out.candidates if not any(hits(c.position_lps, n.center_lps, n.diameter_mm)
-                                                 for n in original.excluded)]
+    kept = [c for c in out.candidates if not hits_any(c.position_lps, original.excluded)]
     real_rows = [nodule_hit(kept, n) | {"estimated_diameter_mm": next(
         (c.diameter_mm for c in kept if hits(c.position_lps, n.center_lps, n.diameter_mm)), None)}
         for n in original.nodules]
-    false = [c.probability for c in kept if not any(hits(c.position_lps, n.center_lps, n.diameter_mm)
-                                                    for n in original.nodules)]
+    false = [c.probability for c in kept if not hits_any(c.position_lps, original.nodules)]
     return fold | {
         "validation_cts": len(validation), "classifier_patch_test": result.test_metrics, "calibration": calibration,
         "froc": {"cpm": curve.cpm, "cpm_ci": curve.cpm_ci, "nodules": curve.n_nodules, "scans": curve.n_scans,
