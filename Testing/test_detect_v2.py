@@ -44,8 +44,8 @@ def test_two_stage_detection_on_a_phantom(phantom, monkeypatch):
     import noduleai.detect_v2 as detect_v2
     from noduleai.preprocess import preprocess_ct as real_preprocess
 
-    def preprocess_with_labels(ct, config):
-        pre = real_preprocess(ct, config)
+    def preprocess_with_labels(ct, config, mask=None):
+        pre = real_preprocess(ct, config, mask)
         if config == candidate_pre:  # the oracle's input: the nodule labels on the candidate grid
             label = sitk.Resample(labels, pre.image, sitk.Transform(), sitk.sitkLinear, 0.0)
             pre.image = sitk.Cast(label > 0.5, sitk.sitkFloat32)
@@ -90,3 +90,70 @@ def test_temperature_fit_recovers_a_known_temperature():
     assert expected_calibration_error(calibrated(z, t), y) < expected_calibration_error(calibrated(z, 1.0), y)
     with pytest.raises(ValueError, match="both classes"):
         fit_temperature([1.0, 2.0], [1, 1])
+
+
+def _tiny_two_stage(seed: int = 0) -> TwoStageDetector:
+    """Real (untrained) networks of both stages, small enough for a CPU test."""
+    from noduleai.candidate_net import build_net
+
+    torch.manual_seed(seed)
+    config = CandidateNetConfig(features=(4, 4, 8, 8, 16, 4), roi=48)
+    classifier = build_model("resnet10_3d", width=0.125, small_input=True)
+    info = ModelInfo("resnet10_3d", "patch", (32, 32, 32), PreprocessConfig(spacing_mm=(1.5, 1.5, 1.5)).to_dict(),
+                     width=0.125, small_input=True, cam_layer="layer2", name="tiny-two-stage")
+    return TwoStageDetector(build_net(config), config, PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0)), classifier, info,
+                            temperature=2.5, device="cpu")
+
+
+def test_detector_file_round_trip_and_format_dispatch(phantom, tmp_path):
+    """One file holds both stages and the temperature; it loads with weights_only (plain data), gives the
+    same detections as the detector it was written from, and load_detector tells it from a v1 model."""
+    from noduleai.checkpoint import CheckpointError, save_model
+    from noduleai.detect import Detector
+    from noduleai.detect_v2 import DETECTOR_FORMAT, load_detector, save_detector
+
+    detector = _tiny_two_stage()
+    path = tmp_path / "two_stage.pt"
+    save_detector(path, detector)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    assert payload["format"] == DETECTOR_FORMAT and payload["temperature"] == 2.5
+    assert "optimiser" not in payload["candidate"]  # weights only: what detection needs
+    loaded = load_detector(path, "cpu", max_candidates=5, stride_mm=16.0)  # stride_mm: v1 only, ignored
+    assert isinstance(loaded, TwoStageDetector) and loaded.temperature == 2.5 and loaded.max_candidates == 5
+    detector.max_candidates = 5
+    a, b = detector.detect(phantom.image), loaded.detect(phantom.image)
+    assert [c.position_lps for c in a.candidates] == [c.position_lps for c in b.candidates]
+    assert np.allclose([c.probability for c in a.candidates], [c.probability for c in b.candidates])
+    assert b.model["file"] == "two_stage.pt" and b.model["task"] == "two-stage"
+    # A v1 model file still loads as a v1 detector.
+    v1 = tmp_path / "v1.pt"
+    save_model(v1, detector.classifier, detector.info)
+    assert isinstance(load_detector(v1, "cpu", stride_mm=16.0), Detector)
+    # Damaged or foreign files: the error names the file and the problem.
+    del payload["classifier"]
+    torch.save(payload, tmp_path / "half.pt")
+    with pytest.raises(CheckpointError, match=r"half\.pt: detector file without its 'classifier' part"):
+        load_detector(tmp_path / "half.pt")
+    torch.save({"format": "noduleai-candidate-net"}, tmp_path / "net.pt")
+    with pytest.raises(CheckpointError, match=r"net\.pt: is a 'noduleai-candidate-net' file, expected "
+                                              r"'noduleai-detector' or 'noduleai-model'"):
+        load_detector(tmp_path / "net.pt")
+
+
+def test_detect_command_runs_a_two_stage_file(phantom, tmp_path):
+    """`noduleai detect --model FILE` with a two-stage file writes the same outputs as with a v1 model."""
+    import json
+
+    from noduleai.cli import main
+    from noduleai.detect_v2 import save_detector
+    from noduleai.io import write_image_atomic
+
+    save_detector(tmp_path / "two_stage.pt", _tiny_two_stage())
+    write_image_atomic(phantom.image, tmp_path / "ct.nrrd")
+    code = main(["-q", "detect", str(tmp_path / "ct.nrrd"), "--out", str(tmp_path / "out"), "--device", "cpu",
+                 "--model", str(tmp_path / "two_stage.pt"), "--max-candidates", "4", "--no-dicom-out"])
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "ct_report.json").read_text())
+    assert report["model"]["task"] == "two-stage" and report["model"]["temperature"] == 2.5
+    assert 0 < report["n_candidates"] <= 4
+    assert (tmp_path / "out" / "ct_heatmap.nrrd").exists()

@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
+from noduleai.modelpath import BUNDLED_MODEL_FILE
+
 SLICER_LIB = "lib/Slicer-5.10"
 QT_SCRIPTED = f"{SLICER_LIB}/qt-scripted-modules"
 VARIABLES = {  # build and install trees have the same relative layout
@@ -158,7 +160,7 @@ def test_installed_extension_imports_its_engine_and_finds_the_bundled_model(tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["engine"] == str(tree / "noduleai" / "__init__.py"), "a real package, from the install tree"
-    assert found["bundled"] == str(tree / "Resources" / "Models" / "noduleai_patch_v1.pt")
+    assert found["bundled"] == str(tree / "Resources" / "Models" / BUNDLED_MODEL_FILE)
     assert all(path.startswith(str(tree) + "/") for path in found["modules"]), found["modules"]
     assert not found["editable_finder_loaded"]
     assert found["child_pythonpath"] == str(tree), "background processes import the installed engine"

@@ -253,3 +253,21 @@ def test_region_stays_a_sane_size_without_trachea_surroundings_or_outside(lidc_r
     assert around.sum() > 3000
     share = new_a[around].mean()
     assert share <= 0.2, f"tissue around the trachea: {share:.3f} inside (v1 {old_a[around].mean():.3f})"
+
+
+def test_one_lung_region_serves_two_grids():
+    """A detector that preprocesses one CT on two grids may compute the region once: only when the two
+    configs find the same region, and then the result is exactly that of computing it again."""
+    from noduleai.preprocess import preprocess_ct, same_lung_region
+    from noduleai.synthetic import make_phantom
+
+    fine, coarse = PreprocessConfig(spacing_mm=(1.5, 1.5, 1.5)), PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0))
+    assert same_lung_region(coarse, fine) and same_lung_region(fine, coarse)
+    assert not same_lung_region(CLOSING, ENVELOPE)
+    assert not same_lung_region(coarse, PreprocessConfig(spacing_mm=(1.5,) * 3, envelope_radius_mm=30.0))
+    ct = sitk.Cast(make_phantom(5, n_nodules=1).image, sitk.sitkFloat32)  # as preprocess_ct casts it
+    mask = lung_mask(ct, coarse)
+    for config in (fine, coarse):
+        shared, own = preprocess_ct(ct, config, mask), preprocess_ct(ct, config)
+        assert np.array_equal(sitk.GetArrayViewFromImage(shared.image), sitk.GetArrayViewFromImage(own.image))
+        assert np.array_equal(shared.mask_array, own.mask_array) and shared.lung_found == own.lung_found

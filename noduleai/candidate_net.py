@@ -244,7 +244,12 @@ def _save(path: Path, net, optimiser, step: int, config: CandidateNetConfig, pre
 
 def load_candidate_net(path: str | os.PathLike, device: str = "auto"):
     """The network (eval mode), its config and its preprocessing, from a checkpoint (weights only)."""
-    payload = safe_load(path, CANDIDATE_FORMAT)
+    return candidate_net_from_payload(safe_load(path, CANDIDATE_FORMAT), path, device)
+
+
+def candidate_net_from_payload(payload: dict, path: str | os.PathLike, device: str = "auto"):
+    """:func:`load_candidate_net` from a loaded payload (``config``, ``preprocess``, ``state_dict``): also the
+    candidate part of a two-stage detector file. ``path`` names the file in errors."""
     try:
         data = dict(payload["config"])
         data["features"] = tuple(data["features"])

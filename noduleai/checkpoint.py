@@ -80,8 +80,9 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, info: ModelInfo)
         torch.save(payload, tmp)
 
 
-def safe_load(path: str | os.PathLike, expected_format: str) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with every failure turned into a :class:`CheckpointError`."""
+def safe_load(path: str | os.PathLike, expected_format: str | tuple[str, ...]) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` with every failure turned into a :class:`CheckpointError`;
+    ``expected_format`` may name several accepted formats."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "checkpoint file does not exist")
@@ -97,8 +98,10 @@ def safe_load(path: str | os.PathLike, expected_format: str) -> dict[str, Any]:
     if not isinstance(payload, dict) or "format" not in payload:
         raise CheckpointError(path, "not a NoduleAI checkpoint (no 'format' field; a bare state_dict or "
                                     "another program's file?)")
-    if payload["format"] != expected_format:
-        raise CheckpointError(path, f"is a {payload['format']!r} file, expected {expected_format!r}")
+    accepted = (expected_format,) if isinstance(expected_format, str) else tuple(expected_format)
+    if payload["format"] not in accepted:
+        raise CheckpointError(path, f"is a {payload['format']!r} file, expected "
+                                    f"{' or '.join(repr(f) for f in accepted)}")
     if payload.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(path, f"format version {payload.get('format_version')} is newer than this "
                                     f"engine ({__version__}) understands; update NoduleAI")
@@ -113,7 +116,13 @@ def _first(err: Exception) -> str:
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ResNet3D, ModelInfo]:
     """Rebuild the model from a checkpoint, in eval mode on ``device``."""
-    payload = safe_load(path, MODEL_FORMAT)
+    return model_from_payload(safe_load(path, MODEL_FORMAT), path, device)
+
+
+def model_from_payload(payload: dict[str, Any], path: str | os.PathLike,
+                       device: str | torch.device = "cpu") -> tuple[ResNet3D, ModelInfo]:
+    """:func:`load_model` from a loaded payload (``info``, ``state_dict``): also the classifier part of a
+    two-stage detector file. ``path`` names the file in errors."""
     try:
         info = ModelInfo(**payload["info"])
         model = info.build()

@@ -59,13 +59,13 @@ def _detect_progress(progress: ProgressWriter, case: str, base: float, span: flo
 
 
 def cmd_detect(args) -> int:
-    from noduleai.detect import Detector
+    from noduleai.detect_v2 import load_detector
     from noduleai.files import write_json_atomic
     from noduleai.io import load_ct
     from noduleai.report import write_detection
 
-    detector = Detector.from_checkpoint(resolve_model_path(args.model), args.device, cam_method=args.cam,
-                                        cam_layer=args.cam_layer, max_candidates=args.max_candidates)
+    detector = load_detector(resolve_model_path(args.model), args.device, cam_method=args.cam,
+                             cam_layer=args.cam_layer, max_candidates=args.max_candidates)
     out = Path(args.out)
     cases = expand_inputs(args.inputs)
     progress = ProgressWriter(args.progress_json)
@@ -168,9 +168,9 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from noduleai.assessment import evaluate_cases
-    from noduleai.detect import Detector
+    from noduleai.detect_v2 import load_detector
 
-    detector = Detector.from_checkpoint(resolve_model_path(args.model), args.device, min_probability=0.05)
+    detector = load_detector(resolve_model_path(args.model), args.device, min_probability=0.05)
     cases, _skipped = _load_cases(args)
     if args.split == "test":
         test_ids = set(detector.info.training_data.get("test_cases", []))
@@ -196,29 +196,35 @@ V2_WORK = "noduleai-output/detector-v2"
 
 def cmd_build_model(args) -> int:
     epochs = {} if args.epochs is None else {"epochs": args.epochs}  # else each recipe's own default
+    work = args.work or (V1_WORK if args.v1 or args.scan_experiment else V2_WORK)
     if args.scan_experiment:
         import json
 
         from noduleai.scan_experiment import run_scan_experiment
 
-        comparison = run_scan_experiment(args.data, args.work, progress=not args.quiet, **epochs)
+        comparison = run_scan_experiment(args.data, work, progress=not args.quiet, **epochs)
         print(json.dumps({k: comparison[k] for k in ("test_cases", "positives", "blob_baseline_auc")}
                          | {"model_auc": comparison["model"].get("auc")}))
         return EXIT_OK
-    if args.v2_leave_one_host_out:
+    if args.v1:
+        from noduleai.recipe import build_bundled_model
+
+        build_bundled_model(args.data, work, Path(args.install_dir) if args.install_dir else None,
+                            progress=not args.quiet, **epochs)
+        return EXIT_OK
+    if args.leave_one_host_out:
         import json
 
         from noduleai.recipe_v2 import leave_one_host_out
 
-        work = args.work if args.work != V1_WORK else V2_WORK
         report = leave_one_host_out(args.data, work, candidate_steps=args.candidate_steps, progress=not args.quiet,
                                     with_classifier=not args.candidates_only, **epochs)
         print(json.dumps({k: report[k] for k in ("pooled_candidate_stage", "pooled") if k in report}, indent=2))
         return EXIT_OK
-    from noduleai.recipe import build_bundled_model
+    from noduleai.recipe_v2 import build_bundled_v2
 
-    build_bundled_model(args.data, args.work, Path(args.install_dir) if args.install_dir else None,
-                        progress=not args.quiet, **epochs)
+    build_bundled_v2(args.data, work, Path(args.install_dir) if args.install_dir else None,
+                     candidate_steps=args.candidate_steps, progress=not args.quiet, **epochs)
     return EXIT_OK
 
 
@@ -300,21 +306,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("build-model", help="regenerate the bundled model: lesion insertion into the shared real CTs"
-                                          " -> training -> evaluation against a baseline -> model card")
-    p.add_argument("--data", required=True, help="the shared data folder (LIDC-IDRI/, radiomics/, totalsegmentator/)")
-    p.add_argument("--work", default=V1_WORK, help=f"work folder (cohorts, cache, run; v2: {V2_WORK})")
+    p = sub.add_parser("build-model", help="regenerate the bundled detector (v2): real nodule crops pasted into 4 "
+                                          "real hosts -> leave-one-host-out measurement -> shipped model + card")
+    p.add_argument("--data", required=True, help="the shared data folder (LIDC-IDRI/, radiomics/, cptac/, "
+                                                 "lidc-nodule-crops/, luna16/, totalsegmentator/)")
+    p.add_argument("--work", help=f"work folder, reused and resumed (default: {V2_WORK}; v1: {V1_WORK})")
     p.add_argument("--install-dir", help="where the model and its card go (default: Resources/Models)")
-    p.add_argument("--epochs", type=int, help="patch model: first stage, default 8 (fine-tuning has 4); "
-                                               "scan experiment: default 50 (the seed's)")
+    p.add_argument("--epochs", type=int, help="classifier epochs (v2 default 4; v1 patch model 8; scan experiment "
+                                               "50, the seed's)")
+    p.add_argument("--candidate-steps", type=int, default=250, help="candidate network training steps")
+    p.add_argument("--leave-one-host-out", action="store_true",
+                   help="only the measurement: one detector per held-out real host, scored on that host alone")
+    p.add_argument("--candidates-only", action="store_true", help="with --leave-one-host-out: the candidate stage")
+    p.add_argument("--v1", action="store_true", help="instead: the v1 patch model (synthetic insertion, dense scan)")
     p.add_argument("--scan-experiment", action="store_true",
                    help="instead: the seed's scan-level experiment on insertion CTs, against the baseline "
                         "(model and card in WORK/scan_run, not installed)")
-    p.add_argument("--v2-leave-one-host-out", action="store_true",
-                   help="instead: detector v2 (real nodule crops pasted into 4 real hosts, candidate network, "
-                        "calibrated ResNet) trained once per held-out host and measured on that host alone")
-    p.add_argument("--candidate-steps", type=int, default=250, help="v2: candidate network training steps")
-    p.add_argument("--candidates-only", action="store_true", help="v2: measure the candidate stage alone")
     p.set_defaults(func=cmd_build_model)
 
     p = sub.add_parser("demo", help="phantoms -> train -> evaluate -> detect, on the CPU, no download")

@@ -12,24 +12,30 @@ module take it unchanged.
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+from noduleai import __version__
 from noduleai.calibration import calibrated
 from noduleai.cam import blended_candidate_cams, cam_to_ct
-from noduleai.candidate_net import CandidateNetConfig, probability_map, proposals_from_map
-from noduleai.checkpoint import ModelInfo
-from noduleai.detect import DetectionCancelled, DetectionResult, ProgressCallback, _candidate
+from noduleai.candidate_net import CandidateNetConfig, candidate_net_from_payload, probability_map, proposals_from_map
+from noduleai.checkpoint import MODEL_FORMAT, CheckpointError, ModelInfo, model_from_payload, safe_load
+from noduleai.detect import DetectionCancelled, DetectionResult, Detector, ProgressCallback, _candidate
+from noduleai.files import atomic_path
 from noduleai.geometry import array_index_to_lps, image_from_array, lps_to_array_index, resample_like
 from noduleai.models import ResNet3D, pick_device
 from noduleai.patches import extract_patch
-from noduleai.preprocess import PreprocessConfig, preprocess_ct
+from noduleai.preprocess import PreprocessConfig, lung_mask, preprocess_ct, same_lung_region
 
 PROPOSAL_LIMIT = 50
+DETECTOR_FORMAT = "noduleai-detector"  # one file: candidate network + classifier + temperature
+DETECTOR_FORMAT_VERSION = 1
 
 
 class TwoStageDetector:
@@ -38,7 +44,9 @@ class TwoStageDetector:
     def __init__(self, candidate_net: torch.nn.Module, candidate_config: CandidateNetConfig,
                  candidate_preprocess: PreprocessConfig, classifier: ResNet3D, info: ModelInfo,
                  temperature: float = 1.0, device: str | torch.device = "auto", max_candidates: int = 20,
-                 min_probability: float = 0.0, cam_method: str | None = None, cam_layer: str | None = None):
+                 min_probability: float = 0.0, cam_method: str | None = None, cam_layer: str | None = None,
+                 source: str = ""):
+        self.source = source
         self.device = pick_device(device) if isinstance(device, str) else device
         self.candidate_net = candidate_net.to(self.device).eval()
         self.candidate_config = candidate_config
@@ -52,8 +60,26 @@ class TwoStageDetector:
         self.cam_layer = cam_layer or info.cam_layer
         self._progress: ProgressCallback | None = None
 
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto", **options) -> TwoStageDetector:
+        """A detector file written by :func:`save_detector` (weights only)."""
+        return cls.from_payload(safe_load(path, DETECTOR_FORMAT), path, device, **options)
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], path: str | os.PathLike, device: str = "auto",
+                     **options) -> TwoStageDetector:
+        try:
+            net, config, preprocess = candidate_net_from_payload(payload["candidate"], path, "cpu")
+            classifier, info = model_from_payload(payload["classifier"], path)
+            temperature = float(payload["temperature"])
+        except KeyError as err:
+            raise CheckpointError(path, f"detector file without its {err} part") from err
+        return cls(net, config, preprocess, classifier, info, temperature, device, source=str(path), **options)
+
     def describe(self) -> dict[str, Any]:
-        return {"name": self.info.name, "arch": self.info.arch, "width": self.info.width, "task": "two-stage",
+        return {"name": self.info.name, "file": Path(self.source).name if self.source else None,
+                "engine_version": self.info.engine_version, "arch": self.info.arch, "width": self.info.width,
+                "task": "two-stage",
                 "candidate_network": f"BasicUNet {list(self.candidate_config.features)}",
                 "temperature": self.temperature, "cam_method": self.cam_method, "cam_layer": self.cam_layer,
                 "device": str(self.device)}
@@ -62,11 +88,12 @@ class TwoStageDetector:
         if self._progress is not None and self._progress(fraction):
             raise DetectionCancelled("detection cancelled")
 
-    def propose(self, ct: sitk.Image) -> tuple[list[tuple[tuple[float, float, float], float, float]], sitk.Image,
-                                               bool]:
-        """Proposals (LPS, candidate score, diameter), best first; the candidate map on its grid; lungs found."""
-        pre = preprocess_ct(ct, self.candidate_preprocess)
-        self._report(0.15)
+    def propose(self, ct: sitk.Image, mask: sitk.Image | None = None) -> tuple[
+            list[tuple[tuple[float, float, float], float, float]], sitk.Image, bool]:
+        """Proposals (LPS, candidate score, diameter), best first; the candidate map on its grid; lungs found.
+        ``mask``: this CT's lung region, when already computed (see :func:`preprocess_ct`)."""
+        pre = preprocess_ct(ct, self.candidate_preprocess, mask)
+        self._report(0.1)
         prob = probability_map(self.candidate_net, pre.array, self.candidate_config)
         spacing = np.asarray(pre.image.GetSpacing()[::-1])
         found = proposals_from_map(prob, pre.mask_array, spacing, limit=PROPOSAL_LIMIT)
@@ -89,18 +116,22 @@ class TwoStageDetector:
         self._progress = progress
         t0 = time.perf_counter()
         self._report(0.0)
-        proposals, candidate_map, lung_found = self.propose(ct)
-        timings = {"candidates": time.perf_counter() - t0}
-        self._report(0.6)
+        # One lung region for both grids when both stages define it alike (~1/3 of preprocessing's time).
+        shared = same_lung_region(self.candidate_preprocess, self.info.preprocess_config)
+        mask = lung_mask(sitk.Cast(ct, sitk.sitkFloat32), self.candidate_preprocess) if shared else None
+        timings = {"lung_region": time.perf_counter() - t0}
+        proposals, candidate_map, lung_found = self.propose(ct, mask)
+        timings["candidates"] = time.perf_counter() - t0 - timings["lung_region"]
+        self._report(0.8)
         t = time.perf_counter()
-        pre = preprocess_ct(ct, self.info.preprocess_config)
+        pre = preprocess_ct(ct, self.info.preprocess_config, mask)
         volume = pre.array
         centres = [np.asarray(lps_to_array_index(pre.image, p)) for p, _s, _d in proposals]
         probs = calibrated(self.logit_differences(volume, centres), self.temperature)
         order = [i for i in np.argsort(-probs, kind="stable") if probs[i] >= self.min_probability]
         kept = order[:self.max_candidates]
         timings["classifier"] = time.perf_counter() - t
-        self._report(0.8)
+        self._report(0.9)
         t = time.perf_counter()
         cam_volume = blended_candidate_cams(self.classifier, volume, [centres[i] for i in kept],
                                             [float(probs[i]) for i in kept], self.info.input_size[0],
@@ -113,3 +144,31 @@ class TwoStageDetector:
         self._report(1.0)
         return DetectionResult(max([c.probability for c in candidates], default=0.0), candidates, heatmap,
                                resample_like(candidate_map, ct, linear=True), lung_found, self.describe(), timings)
+
+
+def save_detector(path: str | os.PathLike, detector: TwoStageDetector) -> None:
+    """Write both networks, their settings and the temperature into one file, atomically (weights and plain
+    data only, so that it loads with ``weights_only=True``). The classifier's ``info`` carries the name,
+    metrics and training data of the whole detector."""
+    def weights(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+
+    payload = {"format": DETECTOR_FORMAT, "format_version": DETECTOR_FORMAT_VERSION, "engine_version": __version__,
+               "temperature": detector.temperature,
+               "candidate": {"config": detector.candidate_config.to_dict(),
+                             "preprocess": detector.candidate_preprocess.to_dict(),
+                             "state_dict": weights(detector.candidate_net)},
+               "classifier": {"info": detector.info.to_dict(), "state_dict": weights(detector.classifier)}}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_detector(path: str | os.PathLike, device: str = "auto", **options) -> Detector | TwoStageDetector:
+    """Any detector file: a two-stage detector (v2) or a v1 patch/scan model, chosen by the file's format.
+    ``options`` are the detector's settings (``cam_method``, ``cam_layer``, ``max_candidates``,
+    ``min_probability``); ``stride_mm`` only applies to v1 and is ignored for v2, which has no dense scan."""
+    payload = safe_load(path, (DETECTOR_FORMAT, MODEL_FORMAT))
+    if payload["format"] == MODEL_FORMAT:
+        return Detector.from_checkpoint(path, device, **options)
+    options.pop("stride_mm", None)
+    return TwoStageDetector.from_payload(payload, path, device, **options)

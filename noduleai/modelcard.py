@@ -60,3 +60,117 @@ def write_model_card(path: str | os.PathLike, info: ModelInfo, data_description:
                      extra: str = "") -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(model_card(info, data_description, limits, extra))
+
+
+DETECTOR_LIMITS = [
+    "Trained and measured on four real host CTs (one per scanner/kernel/protocol) with real LIDC nodule crops "
+    "pasted in; four hosts are far too few to claim robustness to acquisition: every number below comes "
+    "from three to nine CTs per held-out host, hence the wide intervals.",
+    "Small nodules (3-10 mm) are the weak stage: the candidate network misses most of them (see the size "
+    "table); a negative result never rules a nodule out.",
+    "Pasted lesions are real LIDC pixels added as contrast over the host, not lesions grown in that patient: "
+    "partial volume and kernel follow the crop's scanner, not the host's.",
+    "Probabilities are temperature-calibrated on validation cohorts of hosts the model was trained on; on an "
+    "unseen scanner they may be off, and P >= 0.5 is a working point, not a diagnosis.",
+    "Not tested on: slices thicker than 5 mm, paediatric CT, low-dose screening protocols, post-operative "
+    "lungs, diffuse lung disease.",
+]
+
+
+def _pct(value: float | None, ci=None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.0f} %" + (f" ({100 * ci[0]:.0f}-{100 * ci[1]:.0f} %)" if ci else "")
+
+
+def _at(sensitivity_at: dict, fp: float):
+    """A FROC operating point from a dict whose float keys may have become strings in JSON."""
+    return next((v for k, v in sensitivity_at.items() if float(k) == fp), None)
+
+
+def detector_card(detector, summary: dict, hosts: dict[str, str]) -> str:
+    """Markdown card of a two-stage detector (:class:`noduleai.detect_v2.TwoStageDetector`) with its
+    leave-one-host-out ``summary`` (:func:`noduleai.recipe_v2.summarise_loho`) and the hosts' acquisitions."""
+    info = detector.info
+    rows = ["| held-out host (acquisition) | candidate stage: nodules >= 5 mm within 50 | CPM (95 % CI) | "
+            "sensitivity at 2 FP/scan | real lesion on the original CT: rank, P | false positives on the "
+            "original CT at P >= 0.5 |", "|---|---|---|---|---|---|"]
+    for name, fold in summary["folds"].items():
+        stage = fold["candidate_stage"]
+        froc = fold.get("froc")
+        real = fold.get("original_ct", {}).get("real_lesions", [])
+        lesions = "; ".join(f"{r['diameter_mm']:.0f} mm: rank {r['rank']}, P {r['probability']:.2f}"
+                            if r["rank"] else f"{r['diameter_mm']:.0f} mm: missed" for r in real) or "none annotated"
+        fps = fold.get("original_ct", {}).get("false_positives_at", {})
+        rows.append(f"| {name} ({hosts.get(name, '?')}) | {_pct(stage['sensitivity'], stage.get('sensitivity_ci'))} "
+                    f"of {stage['nodules']} | "
+                    + (f"{froc['cpm']:.2f} ({froc['cpm_ci'][0]:.2f}-{froc['cpm_ci'][1]:.2f}) | "
+                       f"{_pct(_at(froc['sensitivity_at'], 2.0))} | "
+                       if froc and froc.get("cpm_ci") else "n/a | n/a | ")
+                    + f"{lesions} | {_pct_free(fps)} |")
+    pooled, stage = summary.get("pooled"), summary["pooled_candidate_stage"]
+    if pooled:
+        rows.append(f"| **pooled** | {_pct(stage['sensitivity'], stage.get('sensitivity_ci'))} of {stage['nodules']} "
+                    f"| {pooled['cpm']:.2f} ({pooled['cpm_ci'][0]:.2f}-{pooled['cpm_ci'][1]:.2f}) | "
+                    f"{_pct(_at(pooled['sensitivity_at'], 2.0))} | | |")
+    sizes = " / ".join(f"{b['size']}: {_pct(b['sensitivity'])} of {b['nodules']}" for b in stage["by_size"])
+    return f"""# Model card: {info.name}
+
+**{DISCLAIMER}**
+
+## Model
+- Stage 1, candidates: MONAI BasicUNet, features {list(detector.candidate_config.features)}, on the shared
+  preprocessing at {detector.candidate_preprocess.spacing_mm} mm (`{detector.candidate_preprocess.to_dict()}`),
+  sliding windows of {detector.candidate_config.roi}^3 with Gaussian blending over the lung region; peaks of its
+  lesion probability are the proposals (at most 50 per scan), each with a diameter from its region.
+- Stage 2, decision and explanation: {info.arch} width x{info.width}, {info.input_size[0]}^3 patches on
+  `{info.preprocess}`, trained on the candidate network's own false positives as negatives; logits
+  divided by a temperature of {detector.temperature:.2f} fitted on validation cohorts; Grad-CAM
+  (`{info.cam_method}`, layer `{info.cam_layer}`) of each listed candidate, blended onto the CT grid.
+- Engine version: {info.engine_version}
+
+## Data
+- Real hosts (background, real noise and kernel): {', '.join(f'{k} ({v})' for k, v in hosts.items())}.
+- Lesions: 990 real LIDC-IDRI nodule crops (549 patients, readers' masks; LIDC-IDRI-0001..0003 left out),
+  split by patient into train / validation / test parts, pasted as contrast over the smoothed host so that
+  the host's own noise stays; 3 mm nodules to 80 mm masses (masses are scaled real crops), isolated,
+  juxta-vascular and juxta-pleural. The hosts' own lesions are labelled, never cut away.
+
+## Intended use
+{INTENDED_USE}
+
+## Limits
+""" + "\n".join(f"- {item}" for item in DETECTOR_LIMITS) + f"""
+
+## Measured metrics: leave one real host out
+{summary['protocol']}
+
+Each row is scored by a model (same recipe) that never saw that host, nor the test-part patients whose
+crops are pasted into its test CTs. FROC/CPM as LUNA16 computes it (sensitivity interpolated at
+1/8..8 false positives per scan, averaged); intervals are 95 % bootstrap over scans. The shipped model is the
+same recipe trained on all four hosts.
+
+{chr(10).join(rows)}
+
+Candidate stage by size (pooled): {sizes}.
+
+## Acquisitions tested
+{chr(10).join(f'- {k}: {v}' for k, v in hosts.items())}
+
+## Regenerate
+`noduleai build-model --data ../shared/data` (resumable; leave-one-host-out first, then the shipped model).
+"""
+
+
+def _pct_free(fps: dict) -> str:
+    value = next((v for k, v in fps.items() if float(k) == 0.5), None)
+    return "n/a" if value is None else str(value)
+
+
+def write_detector_card(path: str | os.PathLike, detector) -> None:
+    """Write :func:`detector_card` from the leave-one-host-out summary in the detector's metrics."""
+    from noduleai.real_cohort import HOSTS
+
+    summary = detector.info.metrics["leave_one_host_out"]
+    with atomic_path(path) as tmp:
+        tmp.write_text(detector_card(detector, summary, {h: HOSTS[h][1] for h in summary["folds"]}))

@@ -23,11 +23,13 @@ def bundled_models_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "Resources" / "Models"
 
 
+BUNDLED_MODEL_FILE = "noduleai_detector_v2.pt"  # the two-stage detector (issue 10), card beside it (.md)
+
+
 def bundled_model_path() -> Path | None:
-    """The model shipped with NoduleAI, when there is one."""
-    here = bundled_models_dir()
-    found = sorted(here.glob("*.pt")) if here.is_dir() else []
-    return found[0] if found else None
+    """The model shipped with NoduleAI, when it is installed."""
+    path = bundled_models_dir() / BUNDLED_MODEL_FILE
+    return path if path.is_file() else None
 
 
 def resolve_model_path(explicit: str | os.PathLike | None = None,

@@ -296,10 +296,20 @@ def normalise_hu(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return ((np.clip(hu, low, high) - low) / (high - low)).astype(np.float32)
 
 
-def preprocess_ct(ct: sitk.Image, config: PreprocessConfig) -> PreprocessedCT:
-    """Run the shared preprocessing on a CT in HU (as returned by :func:`noduleai.io.read_ct`)."""
+def same_lung_region(a: PreprocessConfig, b: PreprocessConfig) -> bool:
+    """Whether ``a`` and ``b`` find the same lung region on a CT (they may differ in their output grid)."""
+    grid = {"spacing_mm": b.spacing_mm, "output_size": b.output_size, "margin_mm": b.margin_mm,
+            "hu_window": b.hu_window}
+    return dataclasses.replace(a, **grid) == b
+
+
+def preprocess_ct(ct: sitk.Image, config: PreprocessConfig, mask: sitk.Image | None = None) -> PreprocessedCT:
+    """Run the shared preprocessing on a CT in HU (as returned by :func:`noduleai.io.read_ct`).
+
+    ``mask``: :func:`lung_mask` of this very CT cast to float32 (as here) under a config with :func:`same_lung_region`, when the caller
+    already has it (a detector that preprocesses one CT on two grids computes the region once)."""
     ct = sitk.Cast(ct, sitk.sitkFloat32)
-    mask = lung_mask(ct, config)
+    mask = lung_mask(ct, config) if mask is None else mask
     grid, found = _crop_grid(mask, ct, config)
     hu = resample_like(ct, grid, linear=True, default=AIR_HU)
     image = sitk.GetImageFromArray(normalise_hu(sitk.GetArrayViewFromImage(hu), config.hu_window))

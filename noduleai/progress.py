@@ -15,8 +15,9 @@ from typing import IO, Any
 
 
 def detection_phase(fraction: float) -> str:
-    """What ``Detector.detect`` is doing when it reports ``fraction``: it reports 0 before preprocessing,
-    0.1 after it, up to 0.8 while scanning patches, 0.9 after the candidates, 1 at the end."""
+    """What a detector is doing when it reports ``fraction``. Both report 0 before preprocessing and 0.1
+    after it; v1 (``Detector``) up to 0.8 while scanning patches, 0.9 after the candidates; v2
+    (``TwoStageDetector``) 0.8 after the candidate network's map, 0.9 after the classifier; 1 at the end."""
     if fraction < 0.1:
         return "preprocessing (lung mask, resampling)"
     if fraction < 0.8 - 1e-6:

@@ -22,7 +22,7 @@ from noduleai.preprocess import PreprocessConfig
 # v1 was trained and measured on the v1 lung mask ("closing"); the recipe rebuilds exactly that model.
 BUNDLED_PREPROCESS = PreprocessConfig(spacing_mm=(1.5, 1.5, 1.5), lung_region="closing")
 BUNDLED_MODEL_NAME = "noduleai-patch-resnet10-w0.125-insertion-v1"
-BUNDLED_MODEL_FILE = "noduleai_patch_v1.pt"
+V1_MODEL_FILE = "noduleai_patch_v1.pt"
 LIDC_0001_NODULE_LPS = (56.2, 86.2, -115.9)  # pylidc consensus centre; 32 mm, solid
 LIDC_0001_NODULE_RADIUS_MM = 16.0
 PATCH_HALF_MM = 24.0  # half the patch's field of view: a lesion this far beyond its radius is never seen
@@ -452,7 +452,7 @@ def install_bundled(model, info, evaluation_md: str, dest_dir: Path, data_text: 
     from noduleai.modelcard import write_model_card
 
     dest_dir.mkdir(parents=True, exist_ok=True)
-    path = dest_dir / BUNDLED_MODEL_FILE
+    path = dest_dir / V1_MODEL_FILE
     save_model(path, model, info)
     write_model_card(path.with_suffix(".md"), info, data_text, INSERTION_LIMITS, evaluation_md)
     return path
@@ -483,7 +483,7 @@ def build_bundled_model(data_root: str | os.PathLike, work_dir: str | os.PathLik
     best = max(cam_scores, key=cam_scores.get)
     info.cam_layer, info.cam_method = best.split("/")
     say("evaluating the model and the baseline on held-out insertions and the real lesions ...")
-    detector = Detector(model, info, "auto", min_probability=0.02, source=BUNDLED_MODEL_FILE)
+    detector = Detector(model, info, "auto", min_probability=0.02, source=V1_MODEL_FILE)
     evaluations = {"model": evaluate_detector(detector, cohorts, paths, files, "model", progress=progress),
                    "baseline": evaluate_detector(BlobBaseline(info.preprocess_config), cohorts, paths, files,
                                                  "baseline", progress=progress),

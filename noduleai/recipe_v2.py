@@ -173,18 +173,61 @@ def fit_fold_temperature(detector, cases) -> tuple[float, dict]:
                          "ece_after": expected_calibration_error(calibrated(z, temperature), y)}
 
 
+def train_candidates(name: str, training: list, paths: V2Paths, candidate_steps: int, progress: bool = True):
+    """Stage 1 of run ``name`` (a fold, or "final"): the candidate network (resumable, keyed by its data)."""
+    from noduleai.candidate_net import load_candidate_net, train_candidate_net
+
+    net_path = train_candidate_net(prepare(training, paths), candidate_config(candidate_steps), CANDIDATE_PREPROCESS,
+                                   paths.candidate_run(name), progress=progress)
+    net, config, _ = load_candidate_net(net_path)
+    return net, config
+
+
+def train_classifier_stage(name: str, net, config, training: list, validation: list, test_cases: list,
+                           paths: V2Paths, epochs: int, progress: bool = True):
+    """Stage 2 of run ``name``: the ResNet on the candidate network's own false positives (mined on the
+    training and validation cohorts), model choice on validation, temperature fitted on validation.
+    Returns the detector, the classifier's training result and the calibration record."""
+    import hashlib
+    import json
+    import shutil
+
+    from noduleai.cache import build_cache
+    from noduleai.checkpoint import load_model
+    from noduleai.detect_v2 import TwoStageDetector
+    from noduleai.train import train
+
+    records = [training_record(c) for c in training + validation] + list(test_cases)
+    entries, _ = build_cache(records, CLASSIFIER_PREPROCESS, paths.root / "classifier_cache", workers=1,
+                             progress=progress)
+    index = {e.case_id: i for i, e in enumerate(entries)}
+    parts = tuple([index[c.case_id] for c in part if c.case_id in index] for part in (training, validation, test_cases))
+    mined = mine_false_positives(net, config, training + validation, entries, paths)
+    # train() resumes a run from its settings alone; a run made from other cases or negatives must not be
+    # resumed, so the run folder is keyed by them and started afresh when they changed.
+    run = paths.classifier_run(name)
+    key = hashlib.sha256(json.dumps([[e.case_id for e in entries], parts, mined, classifier_config(epochs).to_dict()],
+                                    sort_keys=True).encode()).hexdigest()
+    key_file = run / "data_key.json"
+    if run.exists() and (not key_file.exists() or json.loads(key_file.read_text()).get("key") != key):
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(json.dumps({"key": key}))
+    result = train(entries, classifier_config(epochs), CLASSIFIER_PREPROCESS, run, progress=progress,
+                   hard_negatives=mined, parts=parts)
+    classifier, info = load_model(result.best_model)
+    detector = TwoStageDetector(net, config, CANDIDATE_PREPROCESS, classifier, info, max_candidates=CANDIDATE_LIMIT)
+    detector.temperature, calibration = fit_fold_temperature(detector, validation)
+    return detector, result, calibration
+
+
 def run_fold(held_out: str, cohorts: dict, real: dict, paths: V2Paths, candidate_steps: int, epochs: int,
              progress: bool = True, with_classifier: bool = True) -> dict:
     """Both stages (or the candidate stage alone) trained without host ``held_out`` and measured on it
     alone (see the protocol)."""
     from noduleai.assessment import nodule_hit
-    from noduleai.cache import build_cache
-    from noduleai.candidate_net import load_candidate_net, train_candidate_net
-    from noduleai.checkpoint import load_model
-    from noduleai.detect_v2 import TwoStageDetector
     from noduleai.evaluate import candidate_stage, froc, hits, hits_any
     from noduleai.io import read_ct
-    from noduleai.train import train
 
     say = print if progress else (lambda *a, **k: None)
     others = [name for name in cohorts if name != held_out]
@@ -192,9 +235,7 @@ def run_fold(held_out: str, cohorts: dict, real: dict, paths: V2Paths, candidate
     validation = [c for name in others for c in cohorts[name]["validation"]]
     test_cases = cohorts[held_out]["test"]
     say(f"fold {held_out}: candidate network on {len(training)} CTs of {', '.join(others)}")
-    net_path = train_candidate_net(prepare(training, paths), candidate_config(candidate_steps), CANDIDATE_PREPROCESS,
-                                   paths.candidate_run(held_out), progress=progress)
-    net, config, _ = load_candidate_net(net_path)
+    net, config = train_candidates(held_out, training, paths, candidate_steps, progress)
     # Stage 1 alone, on the held-out host's test cohort.
     proposals, truths = [], []
     for case, prepared in zip(test_cases, prepare(test_cases, paths)):
@@ -216,18 +257,8 @@ def run_fold(held_out: str, cohorts: dict, real: dict, paths: V2Paths, candidate
             "test_cts": len(test_cases), "candidate_stage": stage1, "truths": truths}
     if not with_classifier:
         return fold
-    # Stage 2: the classifier, on the candidate network's false positives; test part = the held-out host.
-    records = [training_record(c) for c in training + validation] + list(test_cases)
-    entries, _ = build_cache(records, CLASSIFIER_PREPROCESS, paths.root / "classifier_cache", workers=1,
-                             progress=progress)
-    index = {e.case_id: i for i, e in enumerate(entries)}
-    parts = tuple([index[c.case_id] for c in part if c.case_id in index] for part in (training, validation, test_cases))
-    mined = mine_false_positives(net, config, training + validation, entries, paths)
-    result = train(entries, classifier_config(epochs), CLASSIFIER_PREPROCESS, paths.classifier_run(held_out),
-                   progress=progress, hard_negatives=mined, parts=parts)
-    classifier, info = load_model(result.best_model)
-    detector = TwoStageDetector(net, config, CANDIDATE_PREPROCESS, classifier, info, max_candidates=CANDIDATE_LIMIT)
-    detector.temperature, calibration = fit_fold_temperature(detector, validation)
+    detector, result, calibration = train_classifier_stage(held_out, net, config, training, validation, test_cases,
+                                                           paths, epochs, progress)
     say(f"fold {held_out}: temperature {detector.temperature:.2f}")
     # Both stages on the held-out host: its test cohort and its original CT.
     detections, excluded = [], []
@@ -315,3 +346,59 @@ def write_paste_figure(cohorts: dict, real: dict, path: str | os.PathLike, per_h
             items.append((f"pasted, {name}\n{n['texture']} {n['diameter_mm']:.0f} mm {n['placement']}", ct,
                           n["center_lps"]))
     plot_lesion_gallery(items, path, half_mm=30.0, columns=7)
+
+
+BUNDLED_V2_NAME = "noduleai-detector-v2-basicunet-resnet10"
+
+
+def build_bundled_v2(data_root: str | os.PathLike, work_dir: str | os.PathLike, install_dir: Path | None,
+                     candidate_steps: int = 250, epochs: int = 4, progress: bool = True) -> Path:
+    """The shipped detector: measured first (leave-one-host-out, resumable), then the same recipe trained on
+    every host's train cohort, temperature on every validation cohort, written with its card.
+
+    The card's metrics are the leave-one-host-out ones (each host scored by a model that never saw it); the
+    final model saw every host, so its own numbers on them would not be held out and are not reported as
+    such (its patch test on test-part patients is, labelled so)."""
+    from noduleai.detect_v2 import save_detector
+    from noduleai.modelcard import write_detector_card
+    from noduleai.modelpath import BUNDLED_MODEL_FILE, bundled_models_dir
+    from noduleai.real_cohort import HOSTS
+
+    say = print if progress else (lambda *a, **k: None)
+    report = leave_one_host_out(data_root, work_dir, candidate_steps, epochs, progress=progress)
+    paths = V2Paths(Path(work_dir))
+    cohorts, _real = build_v2_cohorts(data_root, paths, progress=progress)
+    training, validation, test_cases = ([c for name in cohorts for c in cohorts[name][part]] for part in CROP_PARTS)
+    say(f"final model: candidate network on {len(training)} CTs of every host")
+    net, config = train_candidates("final", training, paths, candidate_steps, progress)
+    detector, result, calibration = train_classifier_stage("final", net, config, training, validation, test_cases,
+                                                           paths, epochs, progress)
+    info = detector.info
+    info.name = BUNDLED_V2_NAME
+    info.metrics = {"leave_one_host_out": summarise_loho(report), "calibration": calibration,
+                    "final_patch_test_seen_hosts": result.test_metrics}
+    info.training_data = {"hosts": {h: HOSTS[h][1] for h in cohorts}, "training_cts": len(training),
+                          "validation_cts": len(validation), "test_cases": [c.case_id for c in test_cases],
+                          "crop_parts": CROP_PARTS, "seed": V2_SEED, "candidate_steps": candidate_steps,
+                          "classifier_epochs": epochs}
+    dest = Path(install_dir) if install_dir else bundled_models_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / BUNDLED_MODEL_FILE
+    save_detector(path, detector)
+    write_detector_card(path.with_suffix(".md"), detector)
+    say(f"bundled detector: {path} ({path.stat().st_size / 2**20:.1f} MB), card {path.with_suffix('.md')}")
+    return path
+
+
+def summarise_loho(report: dict) -> dict:
+    """The leave-one-host-out numbers a card and a test need, without the per-scan lists."""
+    folds = {}
+    for name, fold in report["folds"].items():
+        row = {"candidate_stage": fold["candidate_stage"]["inserted"],
+               "candidate_original_ct": fold["candidate_stage"]["original_ct"]}
+        if "froc" in fold:
+            row |= {"froc": fold["froc"], "original_ct": fold["original_ct"], "temperature":
+                    fold["calibration"]["temperature"], "patch_test": fold["classifier_patch_test"]}
+        folds[name] = row
+    return {"protocol": report["protocol"], "folds": folds,
+            "pooled_candidate_stage": report["pooled_candidate_stage"], "pooled": report.get("pooled")}

@@ -17,6 +17,7 @@ import vtk
 
 from noduleai import DISCLAIMER
 from noduleai.detect import DetectionResult, Detector, ProgressCallback
+from noduleai.detect_v2 import TwoStageDetector, load_detector
 from noduleai.files import atomic_path, write_json_atomic
 from noduleai.geometry import geometry_from_ijk_to_ras, ijk_to_ras_matrix
 from noduleai.io import validate_ct
@@ -112,12 +113,12 @@ def _reference(ct: slicer.vtkMRMLNode, role: str, class_name: str, name: str) ->
 class DetectionLogic:
     """Runs detection on a CT volume node and keeps the results in the scene."""
 
-    def __init__(self, detector: Detector | None = None):
+    def __init__(self, detector: Detector | TwoStageDetector | None = None):
         self.detector = detector
 
     def load_model(self, path: str | os.PathLike, device: str = "auto", cam_method: str | None = None,
-                   cam_layer: str | None = None) -> Detector:
-        self.detector = Detector.from_checkpoint(path, device, cam_method=cam_method, cam_layer=cam_layer)
+                   cam_layer: str | None = None) -> Detector | TwoStageDetector:
+        self.detector = load_detector(path, device, cam_method=cam_method, cam_layer=cam_layer)
         return self.detector
 
     def process(self, ct: slicer.vtkMRMLScalarVolumeNode, opacity: float = 0.5, threshold: float = 0.2,
