@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from noduleai.calibration import calibrated, expected_calibration_error, fit_temperature
+from noduleai.calibration import calibrated, expected_calibration_error, fit_calibration
 from noduleai.candidate_net import CandidateNetConfig
 from noduleai.checkpoint import ModelInfo
 from noduleai.detect import DetectionCancelled
@@ -81,15 +81,22 @@ def test_two_stage_detection_on_a_phantom(phantom, monkeypatch):
         detector.detect(phantom.image, progress=lambda f: f >= 0.6)
 
 
-def test_temperature_fit_recovers_a_known_temperature():
+def test_calibration_fit_recovers_a_known_temperature_and_bias():
     rng = np.random.default_rng(1)
-    z = rng.normal(0, 6, 4000)
-    y = (rng.random(4000) < calibrated(z, 3.0)).astype(int)  # labels drawn at temperature 3
-    t = fit_temperature(z, y)
-    assert 2.6 < t < 3.4
-    assert expected_calibration_error(calibrated(z, t), y) < expected_calibration_error(calibrated(z, 1.0), y)
+    z = rng.normal(1.5, 6, 4000)  # logits shifted, as inverse class weights shift them
+    y = (rng.random(4000) < calibrated(z, 3.0, -2.0)).astype(int)  # labels drawn at T = 3, b = -2
+    t, b = fit_calibration(z, y)
+    assert 2.6 < t < 3.4 and -2.4 < b < -1.6
+    assert expected_calibration_error(calibrated(z, t, b), y) < 0.03
+    # A temperature alone cannot remove the offset: the bias is needed for P >= 0.5 to mean what it says.
+    def nll(t: float) -> float:
+        p = np.clip(calibrated(z, t), 1e-7, 1 - 1e-7)
+        return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+    t_only = min(np.exp(np.linspace(-2, 3, 200)), key=nll)
+    assert expected_calibration_error(calibrated(z, t_only), y) > 2 * expected_calibration_error(calibrated(z, t, b), y)
     with pytest.raises(ValueError, match="both classes"):
-        fit_temperature([1.0, 2.0], [1, 1])
+        fit_calibration([1.0, 2.0], [1, 1])
 
 
 def _tiny_two_stage(seed: int = 0) -> TwoStageDetector:
@@ -102,7 +109,7 @@ def _tiny_two_stage(seed: int = 0) -> TwoStageDetector:
     info = ModelInfo("resnet10_3d", "patch", (32, 32, 32), PreprocessConfig(spacing_mm=(1.5, 1.5, 1.5)).to_dict(),
                      width=0.125, small_input=True, cam_layer="layer2", name="tiny-two-stage")
     return TwoStageDetector(build_net(config), config, PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0)), classifier, info,
-                            temperature=2.5, device="cpu")
+                            temperature=2.5, device="cpu", bias=-1.25)
 
 
 def test_detector_file_round_trip_and_format_dispatch(phantom, tmp_path):
@@ -116,10 +123,11 @@ def test_detector_file_round_trip_and_format_dispatch(phantom, tmp_path):
     path = tmp_path / "two_stage.pt"
     save_detector(path, detector)
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    assert payload["format"] == DETECTOR_FORMAT and payload["temperature"] == 2.5
+    assert payload["format"] == DETECTOR_FORMAT and payload["temperature"] == 2.5 and payload["bias"] == -1.25
     assert "optimiser" not in payload["candidate"]  # weights only: what detection needs
     loaded = load_detector(path, "cpu", max_candidates=5, stride_mm=16.0)  # stride_mm: v1 only, ignored
-    assert isinstance(loaded, TwoStageDetector) and loaded.temperature == 2.5 and loaded.max_candidates == 5
+    assert isinstance(loaded, TwoStageDetector) and (loaded.temperature, loaded.bias) == (2.5, -1.25)
+    assert loaded.max_candidates == 5
     detector.max_candidates = 5
     a, b = detector.detect(phantom.image), loaded.detect(phantom.image)
     assert [c.position_lps for c in a.candidates] == [c.position_lps for c in b.candidates]
@@ -157,3 +165,40 @@ def test_detect_command_runs_a_two_stage_file(phantom, tmp_path):
     assert report["model"]["task"] == "two-stage" and report["model"]["temperature"] == 2.5
     assert 0 < report["n_candidates"] <= 4
     assert (tmp_path / "out" / "ct_heatmap.nrrd").exists()
+
+
+def test_card_shows_every_held_out_host_with_its_own_numbers():
+    """The card is written from a leave-one-host-out report made by the real metric functions: each host
+    row carries that fold's candidate stage, CPM with its interval and real-lesion rank, and the pooled row."""
+    from noduleai.evaluate import candidate_stage, froc
+    from noduleai.modelcard import detector_card
+    from noduleai.recipe_v2 import summarise_loho
+
+    truths = [[((0.0, 0.0, 0.0), 12.0), ((50.0, 0.0, 0.0), 6.0)], [((0.0, 40.0, 0.0), 20.0)]]
+    folds = {}
+    for name, offset in (("lidc0001", 0.0), ("lung1", 30.0)):  # lung1's first nodule is missed
+        detections = [[((offset, 0.0, 0.0), 0.9), ((50.0, 0.0, 0.0), 0.6), ((90.0, 90.0, 90.0), 0.7)],
+                      [((0.0, 40.0, 0.0), 0.8)]]
+        curve = froc(detections, truths, [[], []])
+        folds[name] = {"candidate_stage": {"inserted": candidate_stage([[p for p, _ in d] for d in detections],
+                                                                       truths)},
+                       "froc": {"cpm": curve.cpm, "cpm_ci": curve.cpm_ci, "nodules": curve.n_nodules,
+                                "scans": curve.n_scans, "sensitivity_at": curve.sensitivity_at},
+                       "original_ct": {"real_lesions": [{"diameter_mm": 23.4, "rank": 1, "probability": 0.93}],
+                                       "false_positives_at": {"0.5": 2, "0.9": 0}},
+                       "calibration": {"temperature": 1.7, "bias": -0.5}, "classifier_patch_test": {}}
+        folds[name]["candidate_stage"]["original_ct"] = {"proposals": 40, "real_lesions": []}
+    pooled = froc([[((0.0, 0.0, 0.0), 0.9)]] * 2, truths, [[], []])
+    report = {"protocol": "PROTOCOL TEXT", "folds": folds,
+              "pooled_candidate_stage": candidate_stage([[(0.0, 0.0, 0.0)]] * 2, truths),
+              "pooled": {"cpm": pooled.cpm, "cpm_ci": pooled.cpm_ci, "sensitivity_at": pooled.sensitivity_at}}
+    detector = _tiny_two_stage()
+    card = detector_card(detector, summarise_loho(report), {"lidc0001": "GE 2.5 mm", "lung1": "5 mm"})
+    assert "PROTOCOL TEXT" in card and "research use" in card.lower()
+    for name, acquisition in (("lidc0001", "GE 2.5 mm"), ("lung1", "5 mm")):
+        row = next(line for line in card.splitlines() if line.startswith(f"| {name} ({acquisition}) |"))
+        f = folds[name]["froc"]
+        assert f"{f['cpm']:.2f} ({f['cpm_ci'][0]:.2f}-{f['cpm_ci'][1]:.2f})" in row
+        assert "23 mm: rank 1, P 0.93" in row and row.endswith("| 2 |")
+    assert folds["lidc0001"]["froc"]["cpm"] > folds["lung1"]["froc"]["cpm"]
+    assert "| **pooled** | " in card and "P = sigmoid(z / 2.50 -1.25)" in card

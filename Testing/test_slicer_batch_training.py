@@ -19,6 +19,8 @@ from launcher import gone, make_launcher, python_children
 from NoduleTrainingLib.logic import LAST_MODEL_KEY, TrainingLogic, TrainingParameters, read_history
 from slicer_scene import new_scene, read_mrb
 
+from noduleai.modelpath import BUNDLED_MODEL_FILE
+
 BATCH = REPO / "NoduleDetect" / "Scripts" / "batch_detect.py"
 
 
@@ -44,7 +46,7 @@ def test_batch_script_processes_a_folder_and_names_the_broken_file(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert {r["case"] for r in summary["succeeded"]} == {"LIDC-IDRI-0001", "example_ct"}
     assert [r["case"] for r in summary["failed"]] == ["broken"] and "broken.nrrd" in summary["failed"][0]["error"]
-    assert summary["model"].endswith("noduleai_patch_v1.pt"), "the bundled model by default"
+    assert summary["model"].endswith(BUNDLED_MODEL_FILE), "the bundled model by default"
     for case in ("LIDC-IDRI-0001", "example_ct"):
         for suffix in ("_heatmap.nrrd", "_candidates.csv", "_candidates.json", "_report.json", ".mrb"):
             assert (out / f"{case}{suffix}").exists(), case + suffix

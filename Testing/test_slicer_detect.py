@@ -11,7 +11,6 @@ from NoduleDetectLib.logic import DetectionLogic, heat_color_node, image_from_vo
 from slicer_scene import load_volume, new_scene, read_mrb
 
 from noduleai.checkpoint import bundled_model_path
-from noduleai.detect import Detector
 from noduleai.geometry import lps_to_ras, ras_to_lps
 from noduleai.io import read_ct
 from noduleai.recipe import LIDC_0001_NODULE_LPS, LIDC_0001_NODULE_RADIUS_MM
@@ -27,11 +26,11 @@ def lidc_in_slicer():
 @pytest.fixture(scope="module")
 def processed(lidc_in_slicer):
     scene, ct = lidc_in_slicer
-    # The bundled model (NoduleDetect's default) on a coarser scan grid than the default (16 mm instead
-    # of 8: 13 s instead of 63 s on 2 cores); detection itself is tested in test_detect and test_cli.
+    # The bundled detector (NoduleDetect's default), loaded as the panel's logic loads it.
     bundled = bundled_model_path()
     assert bundled is not None, "no bundled model in Resources/Models"
-    logic = DetectionLogic(Detector.from_checkpoint(bundled, "cpu", stride_mm=16.0))
+    logic = DetectionLogic()
+    logic.load_model(bundled, "cpu")
     return logic, logic.process(ct, opacity=0.6, threshold=0.25)
 
 

