@@ -117,7 +117,7 @@ def test_detector_file_round_trip_and_format_dispatch(phantom, tmp_path):
     same detections as the detector it was written from, and load_detector tells it from a v1 model."""
     from noduleai.checkpoint import CheckpointError, save_model
     from noduleai.detect import Detector
-    from noduleai.detect_v2 import DETECTOR_FORMAT, load_detector, save_detector
+    from noduleai.detect_v2 import DETECTOR_FORMAT, DETECTOR_FORMAT_VERSION, load_detector, save_detector
 
     detector = _tiny_two_stage()
     path = tmp_path / "two_stage.pt"
@@ -142,6 +142,10 @@ def test_detector_file_round_trip_and_format_dispatch(phantom, tmp_path):
     torch.save(payload, tmp_path / "half.pt")
     with pytest.raises(CheckpointError, match=r"half\.pt: detector file without its 'classifier' part"):
         load_detector(tmp_path / "half.pt")
+    payload["format_version"] = DETECTOR_FORMAT_VERSION + 1
+    torch.save(payload, tmp_path / "newer.pt")
+    with pytest.raises(CheckpointError, match=r"newer\.pt: format version .* is newer than this engine"):
+        load_detector(tmp_path / "newer.pt")
     torch.save({"format": "noduleai-candidate-net"}, tmp_path / "net.pt")
     with pytest.raises(CheckpointError, match=r"net\.pt: is a 'noduleai-candidate-net' file, expected "
                                               r"'noduleai-detector' or 'noduleai-model'"):

@@ -52,14 +52,16 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--v1", default=str(V1_MODEL), help="v1 patch checkpoint (baseline)")
-    parser.add_argument("--v2", default=str(bundled_model_path()), help="two-stage detector file (default: bundled)")
+    parser.add_argument("--v2", default=bundled_model_path(), help="two-stage detector file (default: bundled)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if not LIDC.exists():
         sys.exit(f"{LIDC}: LIDC-IDRI-0001 not found (see ../shared/data/README.md)")
+    if args.v2 is None:
+        sys.exit("no bundled detector in Resources/Models: pass --v2 FILE")
     runs: dict[str, list[dict]] = {"read": [], "v1": [], "v2": []}
     for _ in range(args.repeats):  # interleaved, so drift of the machine's load hits all alike
-        for name, model in (("read", "read"), ("v1", args.v1), ("v2", args.v2)):
+        for name, model in (("read", "read"), ("v1", args.v1), ("v2", str(args.v2))):
             runs[name].append(run(model))
     wall = {k: statistics.median(r["wall_s"] for r in v) for k, v in runs.items()}
     rss = {k: max(r["peak_rss_mb"] for r in v) for k, v in runs.items()}

@@ -80,9 +80,10 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, info: ModelInfo)
         torch.save(payload, tmp)
 
 
-def safe_load(path: str | os.PathLike, expected_format: str | tuple[str, ...]) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with every failure turned into a :class:`CheckpointError`;
-    ``expected_format`` may name several accepted formats."""
+def safe_load(path: str | os.PathLike, expected_format: str | dict[str, int]) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` with every failure turned into a :class:`CheckpointError`.
+    ``expected_format``: one format (newest version understood: :data:`FORMAT_VERSION`), or several as a
+    dict of format -> newest version understood."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(path, "checkpoint file does not exist")
@@ -98,11 +99,11 @@ def safe_load(path: str | os.PathLike, expected_format: str | tuple[str, ...]) -
     if not isinstance(payload, dict) or "format" not in payload:
         raise CheckpointError(path, "not a NoduleAI checkpoint (no 'format' field; a bare state_dict or "
                                     "another program's file?)")
-    accepted = (expected_format,) if isinstance(expected_format, str) else tuple(expected_format)
+    accepted = {expected_format: FORMAT_VERSION} if isinstance(expected_format, str) else expected_format
     if payload["format"] not in accepted:
         raise CheckpointError(path, f"is a {payload['format']!r} file, expected "
                                     f"{' or '.join(repr(f) for f in accepted)}")
-    if payload.get("format_version", 0) > FORMAT_VERSION:
+    if payload.get("format_version", 0) > accepted[payload["format"]]:
         raise CheckpointError(path, f"format version {payload.get('format_version')} is newer than this "
                                     f"engine ({__version__}) understands; update NoduleAI")
     return payload

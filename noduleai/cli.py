@@ -197,6 +197,8 @@ V2_WORK = "noduleai-output/detector-v2"
 def cmd_build_model(args) -> int:
     epochs = {} if args.epochs is None else {"epochs": args.epochs}  # else each recipe's own default
     work = args.work or (V1_WORK if args.v1 or args.scan_experiment else V2_WORK)
+    if args.candidates_only and not args.leave_one_host_out:
+        raise UsageError("--candidates-only measures the candidate stage and needs --leave-one-host-out")
     if args.scan_experiment:
         import json
 

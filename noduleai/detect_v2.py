@@ -25,6 +25,7 @@ from noduleai import __version__
 from noduleai.calibration import calibrated
 from noduleai.cam import blended_candidate_cams, cam_to_ct
 from noduleai.candidate_net import CandidateNetConfig, candidate_net_from_payload, probability_map, proposals_from_map
+from noduleai.checkpoint import FORMAT_VERSION as MODEL_FORMAT_VERSION
 from noduleai.checkpoint import MODEL_FORMAT, CheckpointError, ModelInfo, model_from_payload, safe_load
 from noduleai.detect import DetectionCancelled, DetectionResult, Detector, ProgressCallback, _candidate
 from noduleai.files import atomic_path
@@ -64,7 +65,7 @@ class TwoStageDetector:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto", **options) -> TwoStageDetector:
         """A detector file written by :func:`save_detector` (weights only)."""
-        return cls.from_payload(safe_load(path, DETECTOR_FORMAT), path, device, **options)
+        return cls.from_payload(safe_load(path, {DETECTOR_FORMAT: DETECTOR_FORMAT_VERSION}), path, device, **options)
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], path: str | os.PathLike, device: str = "auto",
@@ -170,7 +171,7 @@ def load_detector(path: str | os.PathLike, device: str = "auto", **options) -> D
     """Any detector file: a two-stage detector (v2) or a v1 patch/scan model, chosen by the file's format.
     ``options`` are the detector's settings (``cam_method``, ``cam_layer``, ``max_candidates``,
     ``min_probability``); ``stride_mm`` only applies to v1 and is ignored for v2, which has no dense scan."""
-    payload = safe_load(path, (DETECTOR_FORMAT, MODEL_FORMAT))
+    payload = safe_load(path, {DETECTOR_FORMAT: DETECTOR_FORMAT_VERSION, MODEL_FORMAT: MODEL_FORMAT_VERSION})
     if payload["format"] == MODEL_FORMAT:
         return Detector.from_checkpoint(path, device, **options)
     options.pop("stride_mm", None)

@@ -83,6 +83,12 @@ def _pct(value: float | None, ci=None) -> str:
     return f"{100 * value:.0f} %" + (f" ({100 * ci[0]:.0f}-{100 * ci[1]:.0f} %)" if ci else "")
 
 
+def _cpm(froc: dict) -> str:
+    """CPM with its interval when there is one (none from a single scan or without nodules)."""
+    ci = froc.get("cpm_ci")
+    return f"{froc['cpm']:.2f}" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else " (no interval)")
+
+
 def _at(sensitivity_at: dict, fp: float):
     """A FROC operating point from a dict whose float keys may have become strings in JSON."""
     return next((v for k, v in sensitivity_at.items() if float(k) == fp), None)
@@ -104,15 +110,12 @@ def detector_card(detector, summary: dict, hosts: dict[str, str]) -> str:
         fps = fold.get("original_ct", {}).get("false_positives_at", {})
         rows.append(f"| {name} ({hosts.get(name, '?')}) | {_pct(stage['sensitivity'], stage.get('sensitivity_ci'))} "
                     f"of {stage['nodules']} | "
-                    + (f"{froc['cpm']:.2f} ({froc['cpm_ci'][0]:.2f}-{froc['cpm_ci'][1]:.2f}) | "
-                       f"{_pct(_at(froc['sensitivity_at'], 2.0))} | "
-                       if froc and froc.get("cpm_ci") else "n/a | n/a | ")
+                    + (f"{_cpm(froc)} | {_pct(_at(froc['sensitivity_at'], 2.0))} | " if froc else "n/a | n/a | ")
                     + f"{lesions} | {_pct_free(fps)} |")
     pooled, stage = summary.get("pooled"), summary["pooled_candidate_stage"]
     if pooled:
         rows.append(f"| **pooled** | {_pct(stage['sensitivity'], stage.get('sensitivity_ci'))} of {stage['nodules']} "
-                    f"| {pooled['cpm']:.2f} ({pooled['cpm_ci'][0]:.2f}-{pooled['cpm_ci'][1]:.2f}) | "
-                    f"{_pct(_at(pooled['sensitivity_at'], 2.0))} | | |")
+                    f"| {_cpm(pooled)} | {_pct(_at(pooled['sensitivity_at'], 2.0))} | | |")
     sizes = " / ".join(f"{b['size']}: {_pct(b['sensitivity'])} of {b['nodules']}" for b in stage["by_size"])
     return f"""# Model card: {info.name}
 

@@ -153,8 +153,13 @@ def _mined_once(name: str, net, config, cases, entries, paths: V2Paths) -> dict:
     import json
 
     from noduleai.files import write_json_atomic
+    from noduleai.real_cohort import KEY_FILE
 
-    digest = hashlib.sha256(json.dumps([c.case_id for c in cases]).encode())
+    # The cases' cohort keys (a rebuilt cohort reuses case ids), every setting mining depends on, the weights.
+    cohorts = sorted({str(Path(c.image_path).parent / KEY_FILE) for c in cases})
+    digest = hashlib.sha256(json.dumps([[c.case_id for c in cases], [Path(k).read_text() for k in cohorts],
+                                        config.to_dict(), CANDIDATE_PREPROCESS.to_dict(),
+                                        CLASSIFIER_PREPROCESS.to_dict(), CANDIDATE_LIMIT]).encode())
     for value in net.state_dict().values():
         digest.update(value.detach().cpu().numpy().tobytes())
     key, path = digest.hexdigest(), paths.root / "mined" / f"{name}.json"
