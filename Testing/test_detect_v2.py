@@ -193,12 +193,13 @@ def test_card_shows_every_held_out_host_with_its_own_numbers():
                        "calibration": {"temperature": 1.7, "bias": -0.5}, "classifier_patch_test": {}}
         folds[name]["candidate_stage"]["original_ct"] = {"proposals": 40, "real_lesions": []}
     pooled = froc([[((0.0, 0.0, 0.0), 0.9)]] * 2, truths, [[], []])
-    report = {"protocol": "PROTOCOL TEXT", "folds": folds,
+    report = {"protocol": "PROTOCOL TEXT", "folds": folds, "not_held_out": ["totalseg"],
               "pooled_candidate_stage": candidate_stage([[(0.0, 0.0, 0.0)]] * 2, truths),
               "pooled": {"cpm": pooled.cpm, "cpm_ci": pooled.cpm_ci, "sensitivity_at": pooled.sensitivity_at}}
     detector = _tiny_two_stage()
     card = detector_card(detector, summarise_loho(report), {"lidc0001": "GE 2.5 mm", "lung1": "5 mm"})
     assert "PROTOCOL TEXT" in card and "research use" in card.lower()
+    assert "no fold of its own in this build): totalseg" in card
     for name, acquisition in (("lidc0001", "GE 2.5 mm"), ("lung1", "5 mm")):
         row = next(line for line in card.splitlines() if line.startswith(f"| {name} ({acquisition}) |"))
         f = folds[name]["froc"]

@@ -220,13 +220,13 @@ def cmd_build_model(args) -> int:
         from noduleai.recipe_v2 import leave_one_host_out
 
         report = leave_one_host_out(args.data, work, candidate_steps=args.candidate_steps, progress=not args.quiet,
-                                    with_classifier=not args.candidates_only, **epochs)
+                                    with_classifier=not args.candidates_only, held_out=args.held_out, **epochs)
         print(json.dumps({k: report[k] for k in ("pooled_candidate_stage", "pooled") if k in report}, indent=2))
         return EXIT_OK
     from noduleai.recipe_v2 import build_bundled_v2
 
     build_bundled_v2(args.data, work, Path(args.install_dir) if args.install_dir else None,
-                     candidate_steps=args.candidate_steps, progress=not args.quiet, **epochs)
+                     candidate_steps=args.candidate_steps, progress=not args.quiet, held_out=args.held_out, **epochs)
     return EXIT_OK
 
 
@@ -320,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leave-one-host-out", action="store_true",
                    help="only the measurement: one detector per held-out real host, scored on that host alone")
     p.add_argument("--candidates-only", action="store_true", help="with --leave-one-host-out: the candidate stage")
+    p.add_argument("--held-out", nargs="+", metavar="HOST", help="measure only these held-out hosts (default: all "
+                                                                  "four; every fold still trains on all the others)")
     p.add_argument("--v1", action="store_true", help="instead: the v1 patch model (synthetic insertion, dense scan)")
     p.add_argument("--scan-experiment", action="store_true",
                    help="instead: the seed's scan-level experiment on insertion CTs, against the baseline "

@@ -157,6 +157,7 @@ same recipe trained on all four hosts.
 {chr(10).join(rows)}
 
 Candidate stage by size (pooled): {sizes}.
+{_not_held_out(summary)}
 
 ## Acquisitions tested
 {chr(10).join(f'- {k}: {v}' for k, v in hosts.items())}
@@ -164,6 +165,12 @@ Candidate stage by size (pooled): {sizes}.
 ## Regenerate
 `noduleai build-model --data ../shared/data` (resumable; leave-one-host-out first, then the shipped model).
 """
+
+
+def _not_held_out(summary: dict) -> str:
+    missing = summary.get("not_held_out") or []
+    return (f"Not measured held out (in every fold's training data, but no fold of its own in this build): "
+            f"{', '.join(missing)}.\n" if missing else "")
 
 
 def _pct_free(fps: dict) -> str:

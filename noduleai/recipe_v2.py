@@ -311,9 +311,10 @@ def run_fold(held_out: str, cohorts: dict, real: dict, paths: V2Paths, candidate
 
 def leave_one_host_out(data_root: str | os.PathLike, work_dir: str | os.PathLike, candidate_steps: int = 300,
                        epochs: int = 4, hosts: list[str] | None = None, progress: bool = True,
-                       with_classifier: bool = True) -> dict:
+                       with_classifier: bool = True, held_out: list[str] | None = None) -> dict:
     """One two-stage detector (or candidate network alone) per held-out real host, each measured on that
-    host alone; pooled candidate stage and FROC."""
+    host alone; pooled candidate stage and FROC. ``hosts``: the hosts used at all (default: every one);
+    ``held_out``: those measured (default: all of ``hosts``), each fold still trained on all others."""
     import hashlib
     import json
 
@@ -330,16 +331,20 @@ def leave_one_host_out(data_root: str | os.PathLike, work_dir: str | os.PathLike
          CALIBRATION]
     ).encode()).hexdigest()
     folds = {}
-    for held_out in cohorts:
-        done = paths.fold_result(held_out)
+    unknown = set(held_out or []) - set(cohorts)
+    if unknown:
+        raise ValueError(f"held-out host(s) {sorted(unknown)} not among the hosts {list(cohorts)}")
+    for host in held_out or list(cohorts):
+        done = paths.fold_result(host)
         if done.exists() and json.loads(done.read_text()).get("key") == key:
-            folds[held_out] = json.loads(done.read_text())
+            folds[host] = json.loads(done.read_text())
             continue
-        folds[held_out] = run_fold(held_out, cohorts, real, paths, candidate_steps, epochs, progress,
-                                   with_classifier) | {"key": key}
-        write_json_atomic(folds[held_out], done)
+        folds[host] = run_fold(host, cohorts, real, paths, candidate_steps, epochs, progress,
+                               with_classifier) | {"key": key}
+        write_json_atomic(folds[host], done)
     truths = [t for f in folds.values() for t in f["truths"]]
     report = {"protocol": __doc__.split("Protocol: ")[1].strip(), "folds": folds,
+              "not_held_out": [h for h in cohorts if h not in folds],
               "pooled_candidate_stage": candidate_stage(
                   [p for f in folds.values() for p in f["candidate_stage"]["proposals"]], truths, CANDIDATE_LIMIT),
               "candidate_config": candidate_config(candidate_steps).to_dict()}
@@ -379,7 +384,8 @@ BUNDLED_V2_NAME = "noduleai-detector-v2-basicunet-resnet10"
 
 
 def build_bundled_v2(data_root: str | os.PathLike, work_dir: str | os.PathLike, install_dir: Path | None,
-                     candidate_steps: int = 250, epochs: int = 4, progress: bool = True) -> Path:
+                     candidate_steps: int = 250, epochs: int = 4, progress: bool = True,
+                     held_out: list[str] | None = None) -> Path:
     """The shipped detector: measured first (leave-one-host-out, resumable), then the same recipe trained on
     every host's train cohort, calibration on every validation cohort, written with its card.
 
@@ -392,7 +398,7 @@ def build_bundled_v2(data_root: str | os.PathLike, work_dir: str | os.PathLike, 
     from noduleai.real_cohort import HOSTS
 
     say = print if progress else (lambda *a, **k: None)
-    report = leave_one_host_out(data_root, work_dir, candidate_steps, epochs, progress=progress)
+    report = leave_one_host_out(data_root, work_dir, candidate_steps, epochs, progress=progress, held_out=held_out)
     paths = V2Paths(Path(work_dir))
     cohorts, _real = build_v2_cohorts(data_root, paths, progress=progress)
     training, validation, test_cases = ([c for name in cohorts for c in cohorts[name][part]] for part in CROP_PARTS)
@@ -446,5 +452,5 @@ def summarise_loho(report: dict) -> dict:
             row |= {"froc": fold["froc"], "original_ct": fold["original_ct"], "calibration": fold["calibration"],
                     "patch_test": fold["classifier_patch_test"]}
         folds[name] = row
-    return {"protocol": report["protocol"], "folds": folds,
+    return {"protocol": report["protocol"], "folds": folds, "not_held_out": report.get("not_held_out", []),
             "pooled_candidate_stage": report["pooled_candidate_stage"], "pooled": report.get("pooled")}
