@@ -15,6 +15,8 @@ from noduleai.geometry import lps_to_ras, ras_to_lps
 from noduleai.io import read_ct
 from noduleai.recipe import LIDC_0001_NODULE_LPS, LIDC_0001_NODULE_RADIUS_MM
 
+DEFAULT_THRESHOLD = 0.2  # NoduleDetect/NoduleDetect.py: NoduleDetectParameterNode.threshold
+
 
 @pytest.fixture(scope="module")
 def lidc_in_slicer():
@@ -31,7 +33,8 @@ def processed(lidc_in_slicer):
     assert bundled is not None, "no bundled model in Resources/Models"
     logic = DetectionLogic()
     logic.load_model(bundled, "cpu")
-    return logic, logic.process(ct, opacity=0.6, threshold=0.25)
+    # The panel's default display threshold (NoduleDetectParameterNode.threshold), as a reader first sees it.
+    return logic, logic.process(ct, opacity=0.6, threshold=DEFAULT_THRESHOLD)
 
 
 def test_volume_node_geometry_round_trips_to_the_engine(lidc_in_slicer):
@@ -75,15 +78,24 @@ def test_heatmap_node_overlays_the_ct_at_the_same_physical_points(processed, lid
 
 
 def test_the_real_nodule_in_ras_lies_in_the_heatmaps_hot_region(processed):
-    """The real LIDC-IDRI-0001 nodule (never seen in training) is hot in the heatmap node, read through
-    the node's own RAS-to-IJK matrix, and a candidate point sits on it."""
+    """The real LIDC-IDRI-0001 nodule holds the heatmap's peak, read through the node's own RAS-to-IJK
+    matrix (every voxel centre mapped to RAS), is shown at the panel's display threshold, and a candidate
+    point sits on it. (Where inside a 32 mm nodule a CAM peaks is the network's business: its centre point
+    alone need not be hot.)"""
+    import vtk
+
     _, nodes = processed
-    ras = lps_to_ras(LIDC_0001_NODULE_LPS)
+    ras = np.asarray(lps_to_ras(LIDC_0001_NODULE_LPS))
     heat = slicer.util.arrayFromVolume(nodes.heatmap)
-    at_nodule = _node_value_at_ras(nodes.heatmap, ras)
-    assert at_nodule >= nodes.heatmap.GetDisplayNode().GetLowerThreshold(), "shown at the display threshold"
-    assert at_nodule >= 0.4 * heat.max()
-    assert (heat > at_nodule).mean() < 0.02, "among the hottest 2 % of the CT's voxels"
+    matrix = vtk.vtkMatrix4x4()
+    nodes.heatmap.GetIJKToRASMatrix(matrix)
+    m = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    k, j, i = np.nonzero(heat >= 0.5 * heat.max())  # the hot region; the nodule must hold its peak
+    points = (m @ np.stack([i, j, k, np.ones_like(i)]).astype(float))[:3].T
+    inside = np.linalg.norm(points - ras, axis=1) <= LIDC_0001_NODULE_RADIUS_MM
+    hottest = np.argmax(heat[k, j, i])
+    assert inside[hottest], "the heatmap's peak lies inside the real nodule"
+    assert heat[k, j, i][inside].max() >= nodes.heatmap.GetDisplayNode().GetLowerThreshold(), "shown as displayed"
     fiducials = nodes.candidates
     points = [fiducials.GetNthControlPointPosition(i) for i in range(fiducials.GetNumberOfControlPoints())]
     assert min(np.linalg.norm(np.subtract(p, ras)) for p in points) < LIDC_0001_NODULE_RADIUS_MM
@@ -99,7 +111,8 @@ def test_slice_views_show_the_heatmap_and_points_sit_on_candidates(processed, li
         assert composite.GetForegroundVolumeID() == nodes.heatmap.GetID()
         assert composite.GetForegroundOpacity() == pytest.approx(0.6)
     display = nodes.heatmap.GetDisplayNode()
-    assert display.GetColorNode().GetName() == "NoduleAI Heat" and display.GetLowerThreshold() == pytest.approx(0.25)
+    assert display.GetColorNode().GetName() == "NoduleAI Heat"
+    assert display.GetLowerThreshold() == pytest.approx(DEFAULT_THRESHOLD)
     candidates = nodes.result.candidates
     assert nodes.candidates.GetNumberOfControlPoints() == len(candidates) > 0
     for i, c in enumerate(candidates):
@@ -181,7 +194,7 @@ def test_heatmap_display_follows_the_sliders_and_the_colour_table_logs_no_error(
     assert all(c.GetForegroundOpacity() == pytest.approx(0.8)
                for c in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"))
     assert not DetectionLogic.update_heatmap_display(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"), 0.5, 0.2)
-    DetectionLogic.update_heatmap_display(ct, 0.6, 0.25)  # back to the fixture's settings
+    DetectionLogic.update_heatmap_display(ct, 0.6, DEFAULT_THRESHOLD)  # back to the fixture's settings
     # SetNamesInitialised logs "deprecated" through VTK's error macro on Slicer 5.10+: none may be logged.
     messages = vtk.vtkStringOutputWindow()
     previous = vtk.vtkOutputWindow.GetInstance()
@@ -243,7 +256,7 @@ def test_red_slice_picture_of_the_real_lidc_nodule_shows_its_heat(processed, lid
     """The same picture on the real scan with the bundled model, through the real nodule: heat colours
     on it; on a real CT other candidates are hot too, so only a small part of the slice is coloured."""
     scene, _ = lidc_in_slicer
-    processed[0].process(lidc_in_slicer[1], opacity=0.6, threshold=0.25)  # back to the fixture's settings
+    processed[0].process(lidc_in_slicer[1], opacity=0.6, threshold=DEFAULT_THRESHOLD)  # back to the fixture's
     rgb, (x, y), pixel_mm = _render_red_slice(scene, lps_to_ras(LIDC_0001_NODULE_LPS), tmp_path / "red.png")
     coloured = (rgb.max(-1) - rgb.min(-1)) > 20  # the grey CT has no chroma at all
     near = int(np.ceil(LIDC_0001_NODULE_RADIUS_MM / 2 / pixel_mm))

@@ -159,8 +159,8 @@ same recipe trained on all four hosts.
 Candidate stage by size (pooled): {sizes}.
 {_not_held_out(summary)}
 
-## Acquisitions tested
-{chr(10).join(f'- {k}: {v}' for k, v in hosts.items())}
+## Acquisitions tested (held out)
+{chr(10).join(f'- {k}: {v}' for k, v in hosts.items() if k in summary['folds'])}
 
 ## Regenerate
 `noduleai build-model --data ../shared/data` (resumable; leave-one-host-out first, then the shipped model).
@@ -183,5 +183,6 @@ def write_detector_card(path: str | os.PathLike, detector) -> None:
     from noduleai.real_cohort import HOSTS
 
     summary = detector.info.metrics["leave_one_host_out"]
+    hosts = list(summary["folds"]) + list(summary.get("not_held_out", []))
     with atomic_path(path) as tmp:
-        tmp.write_text(detector_card(detector, summary, {h: HOSTS[h][1] for h in summary["folds"]}))
+        tmp.write_text(detector_card(detector, summary, {h: HOSTS[h][1] for h in hosts}))
