@@ -76,6 +76,7 @@ def test_detect_uses_the_bundled_detector_by_default_and_reproduces_its_lung1_re
     assert hit["probability"] == pytest.approx(recorded["probability"], abs=1e-4)
 
 
+@pytest.mark.slow  # v1's dense scan (~60 s); not the default any more, so out of the lean default run
 def test_the_v1_model_keeps_its_card_and_its_lung1_result(tmp_path):
     """v1 is no longer the default; as the benchmarks' baseline it must still load and behave as recorded."""
     model, info = load_model(V1_MODEL)
