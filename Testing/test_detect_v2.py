@@ -85,8 +85,8 @@ def test_calibration_fit_recovers_a_known_temperature_and_bias():
     rng = np.random.default_rng(1)
     z = rng.normal(1.5, 6, 4000)  # logits shifted, as inverse class weights shift them
     y = (rng.random(4000) < calibrated(z, 3.0, -2.0)).astype(int)  # labels drawn at T = 3, b = -2
-    t, b = fit_calibration(z, y)
-    assert 2.6 < t < 3.4 and -2.4 < b < -1.6
+    t, b, w = fit_calibration(z, y)
+    assert 2.6 < t < 3.4 and -2.4 < b < -1.6 and w == 0.0
     assert expected_calibration_error(calibrated(z, t, b), y) < 0.03
     # A temperature alone cannot remove the offset: the bias is needed for P >= 0.5 to mean what it says.
     def nll(t: float) -> float:
@@ -97,6 +97,60 @@ def test_calibration_fit_recovers_a_known_temperature_and_bias():
     assert expected_calibration_error(calibrated(z, t_only), y) > 2 * expected_calibration_error(calibrated(z, t, b), y)
     with pytest.raises(ValueError, match="both classes"):
         fit_calibration([1.0, 2.0], [1, 1])
+
+
+def test_fusion_recovers_the_candidate_weight_and_adds_nothing_when_the_score_is_noise():
+    """P = sigmoid(z / T + w logit(s) + b): a known weight is recovered from labels drawn with it; a candidate
+    score unrelated to the labels gets a weight near 0 (the fusion cannot invent evidence)."""
+    from noduleai.calibration import score_logit
+
+    rng = np.random.default_rng(2)
+    z, s = rng.normal(0, 4, 6000), rng.uniform(0.05, 0.95, 6000)
+    y = (rng.random(6000) < calibrated(z, 2.0, -1.0, s, 1.5)).astype(int)
+    t, b, w = fit_calibration(z, y, s)
+    assert 1.7 < t < 2.3 and -1.3 < b < -0.7 and 1.2 < w < 1.8
+    alone = calibrated(z, *fit_calibration(z, y)[:2])
+    fused = calibrated(z, t, b, s, w)
+    assert expected_calibration_error(fused, y) < 0.03
+    nll = [float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))) for p in (alone, fused)]
+    assert nll[1] < nll[0] - 0.05  # the candidate score carries evidence here, and the fit uses it
+    y_noise = (rng.random(6000) < calibrated(z, 2.0, -1.0)).astype(int)
+    assert abs(fit_calibration(z, y_noise, s)[2]) < 0.15
+    assert np.isfinite(score_logit([0.0, 1.0])).all()  # a saturated score stays finite
+
+
+def test_operating_threshold_allows_at_most_the_chosen_false_positives_per_scan():
+    """The working point is the lowest threshold at which the scans' false positives average at most the
+    target; lesions never count as false positives."""
+    from noduleai.calibration import operating_threshold
+
+    probs = [[0.9, 0.8, 0.3], [0.7, 0.6, 0.2]]
+    lesion = [[True, False, False], [False, False, True]]
+    t = operating_threshold(probs, lesion, 1.0)  # 2 scans: at most 2 false positives in all -> 0.8 and 0.7
+    assert 0.6 < t <= 0.7 + 1e-9
+    false = sum(p >= t and not hit for ps, ls in zip(probs, lesion) for p, hit in zip(ps, ls))
+    assert false == 2 and all(p >= t for p in (0.9, 0.8, 0.7))
+    assert operating_threshold(probs, lesion, 0.0) > 0.8  # no false positive allowed: above the highest
+    assert operating_threshold(probs, lesion, 5.0) == 0.0  # every false positive allowed
+
+
+def test_one_lesion_is_listed_once():
+    """A proposal whose centre lies inside a better-ranked proposal's sphere (the hit rule), or that holds
+    the better one inside its own, is the same lesion seen twice and is not listed; apart, both are."""
+    from noduleai.detect_v2 import ScoredProposals
+
+    detector = _tiny_two_stage()
+    proposals = [((0.0, 0.0, 0.0), 0.9, 30.0),   # a 30 mm nodule
+                 ((10.0, 0.0, 0.0), 0.8, 8.0),   # inside it: a duplicate
+                 ((40.0, 0.0, 0.0), 0.7, 6.0),   # apart: another lesion
+                 ((-12.0, 0.0, 0.0), 0.6, 40.0)]  # holds the first inside its own sphere: a duplicate
+    scored = ScoredProposals(proposals, [], np.zeros(4), None, None, True, {})
+    assert detector.ranked(scored, np.array([0.9, 0.8, 0.7, 0.6])) == [0, 2]
+    # Ranked by probability first: the better-scored small proposal is kept and the 30 mm one that holds it
+    # is then dropped; the 40 mm one (22 mm from the small one's centre) no longer overlaps anything listed.
+    assert detector.ranked(scored, np.array([0.5, 0.95, 0.7, 0.1])) == [1, 2, 3]
+    detector.min_probability = 0.75
+    assert detector.ranked(scored, np.array([0.9, 0.8, 0.7, 0.6])) == [0]
 
 
 def _tiny_two_stage(seed: int = 0) -> TwoStageDetector:
@@ -120,10 +174,12 @@ def test_detector_file_round_trip_and_format_dispatch(phantom, tmp_path):
     from noduleai.detect_v2 import DETECTOR_FORMAT, DETECTOR_FORMAT_VERSION, load_detector, save_detector
 
     detector = _tiny_two_stage()
+    detector.candidate_weight, detector.operating_threshold = 0.7, 0.42
     path = tmp_path / "two_stage.pt"
     save_detector(path, detector)
     payload = torch.load(path, map_location="cpu", weights_only=True)
     assert payload["format"] == DETECTOR_FORMAT and payload["temperature"] == 2.5 and payload["bias"] == -1.25
+    assert (payload["candidate_weight"], payload["operating_threshold"]) == (0.7, 0.42)
     assert "optimiser" not in payload["candidate"]  # weights only: what detection needs
     loaded = load_detector(path, "cpu", max_candidates=5, stride_mm=16.0)  # stride_mm: v1 only, ignored
     assert isinstance(loaded, TwoStageDetector) and (loaded.temperature, loaded.bias) == (2.5, -1.25)
@@ -133,6 +189,20 @@ def test_detector_file_round_trip_and_format_dispatch(phantom, tmp_path):
     assert [c.position_lps for c in a.candidates] == [c.position_lps for c in b.candidates]
     assert np.allclose([c.probability for c in a.candidates], [c.probability for c in b.candidates])
     assert b.model["file"] == "two_stage.pt" and b.model["task"] == "two-stage"
+    # Reports decide at the model's operating threshold unless the user sets one.
+    assert (loaded.candidate_weight, loaded.operating_threshold) == (0.7, 0.42)
+    report = b.report("case")
+    assert report["decision_threshold"] == 0.42 and "validation" in report["decision_threshold_source"]
+    assert report["n_candidates_at_or_above_threshold"] == sum(c.probability >= 0.42 for c in b.candidates)
+    assert b.report("case", 0.9)["decision_threshold"] == 0.9
+    # A file written before the working point existed loads with none and reports at 0.5.
+    for key in ("candidate_weight", "operating_threshold"):
+        del payload[key]
+    torch.save(payload, tmp_path / "older.pt")
+    older = load_detector(tmp_path / "older.pt", "cpu")
+    assert (older.candidate_weight, older.operating_threshold) == (0.0, None)
+    assert older.detect(phantom.image).report("case")["decision_threshold"] == 0.5
+    payload = torch.load(path, map_location="cpu", weights_only=True)
     # A v1 model file still loads as a v1 detector.
     v1 = tmp_path / "v1.pt"
     save_model(v1, detector.classifier, detector.info)
@@ -176,7 +246,7 @@ def test_card_shows_every_held_out_host_with_its_own_numbers():
     row carries that fold's candidate stage, CPM with its interval and real-lesion rank, and the pooled row."""
     from noduleai.evaluate import candidate_stage, froc
     from noduleai.modelcard import detector_card
-    from noduleai.recipe_v2 import summarise_loho
+    from noduleai.recipe_v2 import RANKINGS, operating_point, summarise_loho
 
     truths = [[((0.0, 0.0, 0.0), 12.0), ((50.0, 0.0, 0.0), 6.0)], [((0.0, 40.0, 0.0), 20.0)]]
     folds = {}
@@ -190,7 +260,10 @@ def test_card_shows_every_held_out_host_with_its_own_numbers():
                                 "scans": curve.n_scans, "sensitivity_at": curve.sensitivity_at},
                        "original_ct": {"real_lesions": [{"diameter_mm": 23.4, "rank": 1, "probability": 0.93}],
                                        "false_positives_at": {"0.5": 2, "0.9": 0}},
-                       "calibration": {"temperature": 1.7, "bias": -0.5}, "classifier_patch_test": {}}
+                       "calibration": {"temperature": 1.7, "bias": -0.5}, "classifier_patch_test": {},
+                       "operating_point": operating_point(detections, truths, [[], []], 0.65),
+                       "cpm_by_ranking": {way: {"cpm": curve.cpm, "cpm_ci": curve.cpm_ci} for way in RANKINGS}}
+        folds[name]["original_ct"]["false_positives_at_operating_threshold"] = 1
         folds[name]["candidate_stage"]["original_ct"] = {"proposals": 40, "real_lesions": []}
     pooled = froc([[((0.0, 0.0, 0.0), 0.9)]] * 2, truths, [[], []])
     report = {"protocol": "PROTOCOL TEXT", "folds": folds, "not_held_out": ["totalseg"],
@@ -204,6 +277,15 @@ def test_card_shows_every_held_out_host_with_its_own_numbers():
         row = next(line for line in card.splitlines() if line.startswith(f"| {name} ({acquisition}) |"))
         f = folds[name]["froc"]
         assert f"{f['cpm']:.2f} ({f['cpm_ci'][0]:.2f}-{f['cpm_ci'][1]:.2f})" in row
-        assert "23 mm: rank 1, P 0.93" in row and row.endswith("| 2 |")
+        assert "23 mm: rank 1, P 0.93" in row and row.endswith("| 1 (2) |")
+        point = folds[name]["operating_point"]
+        assert f"| {100 * point['sensitivity']:.0f} %, {point['false_positives_per_scan']:.1f} |" in row
     assert folds["lidc0001"]["froc"]["cpm"] > folds["lung1"]["froc"]["cpm"]
-    assert "| **pooled** | " in card and "P = sigmoid(z / 2.50 -1.25)" in card
+    # At 0.65 the 6 mm nodule (P 0.6) is below the working point; lung1's 12 mm one is missed and its
+    # detection 30 mm away is a false positive.
+    assert folds["lidc0001"]["operating_point"] == {"threshold": 0.65, "sensitivity": pytest.approx(2 / 3),
+                                                    "nodules": 3, "scans": 2, "false_positives_per_scan": 0.5}
+    assert folds["lung1"]["operating_point"]["sensitivity"] == pytest.approx(1 / 3)
+    assert folds["lung1"]["operating_point"]["false_positives_per_scan"] == 1.0
+    assert "| **pooled** | " in card and "P = sigmoid(z / 2.50\n  +0.00 logit(s) -1.25)" in card
+    assert "operating threshold none stored" in card

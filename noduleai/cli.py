@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cam", choices=["gradcam", "gradcam++"], help="CAM method (default: the model's)")
     p.add_argument("--cam-layer", choices=["layer1", "layer2", "layer3", "layer4"], help="default: the model's")
     p.add_argument("--series-uid", help="DICOM SeriesInstanceUID to read (default: the CT series with most slices)")
-    p.add_argument("--threshold", type=float, default=0.5, help="decision threshold on P(nodule)")
+    p.add_argument("--threshold", type=float, help="decision threshold on P(nodule) (default: the model's "
+                   "operating threshold, chosen on validation; 0.5 for models without one)")
     p.add_argument("--max-candidates", type=int, default=20)
     p.add_argument("--dicom-out", action=argparse.BooleanOptionalAction, default=None,
                    help="write DICOM SR, SEG and Grad-CAM parametric map per case (default: on for DICOM input)")

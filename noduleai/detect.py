@@ -58,6 +58,9 @@ class Candidate:
                 "diameter_mm": self.diameter_mm}
 
 
+DEFAULT_DECISION_THRESHOLD = 0.5  # for models that store no operating threshold
+
+
 @dataclass
 class DetectionResult:
     """What one CT yields: candidates, a scan-level probability and maps on the CT's own grid."""
@@ -70,7 +73,14 @@ class DetectionResult:
     model: dict[str, Any]
     timings_s: dict[str, float] = field(default_factory=dict)
 
-    def report(self, case_id: str, threshold: float = 0.5) -> dict[str, Any]:
+    def report(self, case_id: str, threshold: float | None = None) -> dict[str, Any]:
+        """The JSON report; ``threshold`` None: the model's operating threshold (chosen on validation and
+        stored in the detector file), else 0.5 for models without one."""
+        source = "requested"
+        if threshold is None:
+            stored = self.model.get("operating_threshold")
+            threshold, source = ((DEFAULT_DECISION_THRESHOLD, "default") if stored is None
+                                 else (float(stored), "model's operating threshold (chosen on validation)"))
         return {
             "case": case_id,
             "disclaimer": DISCLAIMER,
@@ -78,8 +88,10 @@ class DetectionResult:
             "model": self.model,
             "scan_probability": self.scan_probability,
             "decision_threshold": threshold,
+            "decision_threshold_source": source,
             "decision": "nodule suspected" if self.scan_probability >= threshold else "no nodule found",
             "n_candidates": len(self.candidates),
+            "n_candidates_at_or_above_threshold": sum(c.probability >= threshold for c in self.candidates),
             "candidates": [c.to_dict() for c in self.candidates],
             "coordinate_systems": {"position_lps": "DICOM/ITK patient LPS, millimetres",
                                    "position_ras": "Slicer RAS, millimetres"},

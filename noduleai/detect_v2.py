@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,25 @@ from noduleai.files import atomic_path
 from noduleai.geometry import array_index_to_lps, image_from_array, lps_to_array_index, resample_like
 from noduleai.models import ResNet3D, pick_device
 from noduleai.patches import extract_patch
-from noduleai.preprocess import PreprocessConfig, lung_mask, preprocess_ct, same_lung_region
+from noduleai.preprocess import PreprocessConfig, PreprocessedCT, lung_mask, preprocess_ct, same_lung_region
 
 PROPOSAL_LIMIT = 50
 DETECTOR_FORMAT = "noduleai-detector"  # one file: candidate network + classifier + calibration
 DETECTOR_FORMAT_VERSION = 1
+
+
+@dataclass
+class ScoredProposals:
+    """One CT through both networks: proposals (LPS, candidate score, diameter), their voxel centres on the
+    classifier grid, the classifier's logit differences, that grid's preprocessing, the candidate map."""
+
+    proposals: list[tuple[tuple[float, float, float], float, float]]
+    centres: list[np.ndarray]
+    z: np.ndarray
+    pre: PreprocessedCT  # on the classifier grid
+    candidate_map: sitk.Image
+    lung_found: bool
+    timings: dict[str, float]
 
 
 class TwoStageDetector:
@@ -46,7 +61,8 @@ class TwoStageDetector:
                  candidate_preprocess: PreprocessConfig, classifier: ResNet3D, info: ModelInfo,
                  temperature: float = 1.0, device: str | torch.device = "auto", max_candidates: int = 20,
                  min_probability: float = 0.0, cam_method: str | None = None, cam_layer: str | None = None,
-                 source: str = "", bias: float = 0.0):
+                 source: str = "", bias: float = 0.0, candidate_weight: float = 0.0,
+                 operating_threshold: float | None = None):
         self.source = source
         self.device = pick_device(device) if isinstance(device, str) else device
         self.candidate_net = candidate_net.to(self.device).eval()
@@ -55,7 +71,11 @@ class TwoStageDetector:
         self.classifier = classifier.to(self.device).eval()
         self.info = info
         self.temperature = float(temperature)
-        self.bias = float(bias)  # with the temperature: P = sigmoid(z / T + b), see noduleai.calibration
+        # P = sigmoid(z / T + w * logit(candidate score) + b), fitted on validation (noduleai.calibration)
+        self.bias = float(bias)
+        self.candidate_weight = float(candidate_weight)
+        # The working point chosen on validation (see recipe_v2); None for files written before it existed.
+        self.operating_threshold = operating_threshold
         self.max_candidates = max_candidates
         self.min_probability = min_probability
         self.cam_method = cam_method or info.cam_method
@@ -76,15 +96,18 @@ class TwoStageDetector:
             temperature = float(payload["temperature"])
         except KeyError as err:
             raise CheckpointError(path, f"detector file without its {err} part") from err
+        threshold = payload.get("operating_threshold")
         return cls(net, config, preprocess, classifier, info, temperature, device, source=str(path),
-                   bias=float(payload.get("bias", 0.0)), **options)
+                   bias=float(payload.get("bias", 0.0)), candidate_weight=float(payload.get("candidate_weight", 0.0)),
+                   operating_threshold=None if threshold is None else float(threshold), **options)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.info.name, "file": Path(self.source).name if self.source else None,
                 "engine_version": self.info.engine_version, "arch": self.info.arch, "width": self.info.width,
                 "task": "two-stage",
                 "candidate_network": f"BasicUNet {list(self.candidate_config.features)}",
-                "temperature": self.temperature, "bias": self.bias, "cam_method": self.cam_method,
+                "temperature": self.temperature, "bias": self.bias, "candidate_weight": self.candidate_weight,
+                "operating_threshold": self.operating_threshold, "cam_method": self.cam_method,
                 "cam_layer": self.cam_layer,
                 "device": str(self.device)}
 
@@ -115,12 +138,11 @@ class TwoStageDetector:
                 out.append(logits[:, 1] - logits[:, 0])
         return np.concatenate(out) if out else np.zeros(0)
 
-    def detect(self, ct: sitk.Image, progress: ProgressCallback | None = None) -> DetectionResult:
-        """Detect on a CT in HU; ``progress(fraction)`` returning True cancels (nothing is left behind)."""
-        self._progress = progress
+    def scored_proposals(self, ct: sitk.Image) -> ScoredProposals:
+        """Both stages without the explanation: proposals, their classifier logit differences, the
+        classifier-grid volume. One lung region serves both grids when both stages define it alike
+        (~1/3 of preprocessing's time)."""
         t0 = time.perf_counter()
-        self._report(0.0)
-        # One lung region for both grids when both stages define it alike (~1/3 of preprocessing's time).
         shared = same_lung_region(self.candidate_preprocess, self.info.preprocess_config)
         mask = lung_mask(sitk.Cast(ct, sitk.sitkFloat32), self.candidate_preprocess) if shared else None
         timings = {"lung_region": time.perf_counter() - t0}
@@ -129,25 +151,59 @@ class TwoStageDetector:
         self._report(0.8)
         t = time.perf_counter()
         pre = preprocess_ct(ct, self.info.preprocess_config, mask)
-        volume = pre.array
         centres = [np.asarray(lps_to_array_index(pre.image, p)) for p, _s, _d in proposals]
-        probs = calibrated(self.logit_differences(volume, centres), self.temperature, self.bias)
-        order = [i for i in np.argsort(-probs, kind="stable") if probs[i] >= self.min_probability]
-        kept = order[:self.max_candidates]
+        z = self.logit_differences(pre.array, centres)
         timings["classifier"] = time.perf_counter() - t
+        return ScoredProposals(proposals, centres, z, pre, candidate_map, lung_found, timings)
+
+    def probabilities(self, scored: ScoredProposals, fused: bool = True) -> np.ndarray:
+        """Calibrated P(nodule) of each proposal; ``fused=False``: the classifier's evidence alone (the
+        candidate weight dropped; for measuring what the fusion adds)."""
+        return calibrated(scored.z, self.temperature, self.bias, [s for _p, s, _d in scored.proposals],
+                          self.candidate_weight if fused else 0.0)
+
+    def ranked(self, scored: ScoredProposals, probs: np.ndarray) -> list[int]:
+        """Proposal indices best first, one per lesion: a proposal that the hit rule places inside a
+        better-ranked one (or that holds it) is the same lesion seen twice (a 32 mm nodule was listed three
+        times), so it is dropped; then ``min_probability`` and ``max_candidates``."""
+        from noduleai.evaluate import hits
+
+        kept: list[int] = []
+        for i in np.argsort(-probs, kind="stable"):
+            if probs[i] < self.min_probability:
+                break
+            p, _s, d = scored.proposals[i]
+            if any(hits(p, scored.proposals[k][0], scored.proposals[k][2]) or hits(scored.proposals[k][0], p, d)
+                   for k in kept):
+                continue
+            kept.append(int(i))
+            if len(kept) == self.max_candidates:
+                break
+        return kept
+
+    def detect(self, ct: sitk.Image, progress: ProgressCallback | None = None) -> DetectionResult:
+        """Detect on a CT in HU; ``progress(fraction)`` returning True cancels (nothing is left behind)."""
+        self._progress = progress
+        t0 = time.perf_counter()
+        self._report(0.0)
+        scored = self.scored_proposals(ct)
+        probs = self.probabilities(scored)
+        kept = self.ranked(scored, probs)
+        timings = dict(scored.timings)
         self._report(0.9)
         t = time.perf_counter()
-        cam_volume = blended_candidate_cams(self.classifier, volume, [centres[i] for i in kept],
+        cam_volume = blended_candidate_cams(self.classifier, scored.pre.array, [scored.centres[i] for i in kept],
                                             [float(probs[i]) for i in kept], self.info.input_size[0],
                                             self.cam_layer, self.cam_method, self.device)
-        heatmap = cam_to_ct(cam_volume, pre.image, ct)
+        heatmap = cam_to_ct(cam_volume, scored.pre.image, ct)
         timings["grad_cam"] = time.perf_counter() - t
-        candidates = [_candidate(rank, proposals[i][0], float(probs[i]), proposals[i][2])
+        candidates = [_candidate(rank, scored.proposals[i][0], float(probs[i]), scored.proposals[i][2])
                       for rank, i in enumerate(kept, 1)]
         timings["total"] = time.perf_counter() - t0
         self._report(1.0)
         return DetectionResult(max([c.probability for c in candidates], default=0.0), candidates, heatmap,
-                               resample_like(candidate_map, ct, linear=True), lung_found, self.describe(), timings)
+                               resample_like(scored.candidate_map, ct, linear=True), scored.lung_found,
+                               self.describe(), timings)
 
 
 def save_detector(path: str | os.PathLike, detector: TwoStageDetector) -> None:
@@ -159,6 +215,7 @@ def save_detector(path: str | os.PathLike, detector: TwoStageDetector) -> None:
 
     payload = {"format": DETECTOR_FORMAT, "format_version": DETECTOR_FORMAT_VERSION, "engine_version": __version__,
                "temperature": detector.temperature, "bias": detector.bias,
+               "candidate_weight": detector.candidate_weight, "operating_threshold": detector.operating_threshold,
                "candidate": {"config": detector.candidate_config.to_dict(),
                              "preprocess": detector.candidate_preprocess.to_dict(),
                              "state_dict": weights(detector.candidate_net)},

@@ -70,8 +70,9 @@ DETECTOR_LIMITS = [
     "table); a negative result never rules a nodule out.",
     "Pasted lesions are real LIDC pixels added as contrast over the host, not lesions grown in that patient: "
     "partial volume and kernel follow the crop's scanner, not the host's.",
-    "Probabilities are calibrated (temperature and bias) on validation cohorts of hosts the model was trained "
-    "on; on an unseen scanner they may be off, and P >= 0.5 is a working point, not a diagnosis.",
+    "Probabilities are calibrated (temperature, bias and the candidate score's weight) on validation cohorts "
+    "of hosts the model was trained on; on an unseen scanner they may be off. The operating threshold is a "
+    "working point chosen on those cohorts (at most one false positive per validation CT), not a diagnosis.",
     "Not tested on: slices thicker than 5 mm, paediatric CT, low-dose screening protocols, post-operative "
     "lungs, diffuse lung disease.",
 ]
@@ -99,23 +100,37 @@ def detector_card(detector, summary: dict, hosts: dict[str, str]) -> str:
     leave-one-host-out ``summary`` (:func:`noduleai.recipe_v2.summarise_loho`) and the hosts' acquisitions."""
     info = detector.info
     rows = ["| held-out host (acquisition) | candidate stage: nodules >= 5 mm within 50 | CPM (95 % CI) | "
-            "sensitivity at 2 FP/scan | real lesion on the original CT: rank, P | false positives on the "
-            "original CT at P >= 0.5 |", "|---|---|---|---|---|---|"]
+            "sensitivity at 2 FP/scan | at the fold's operating threshold: sensitivity, FP/scan | real lesion "
+            "on the original CT: rank, P | false positives on the original CT at the operating threshold "
+            "(at P >= 0.5) |", "|---|---|---|---|---|---|---|"]
+    ranking_rows = ["| held-out host | candidate score alone | classifier alone | fused (shipped) |",
+                    "|---|---|---|---|"]
     for name, fold in summary["folds"].items():
         stage = fold["candidate_stage"]
         froc = fold.get("froc")
         real = fold.get("original_ct", {}).get("real_lesions", [])
         lesions = "; ".join(f"{r['diameter_mm']:.0f} mm: rank {r['rank']}, P {r['probability']:.2f}"
                             if r["rank"] else f"{r['diameter_mm']:.0f} mm: missed" for r in real) or "none annotated"
-        fps = fold.get("original_ct", {}).get("false_positives_at", {})
+        original = fold.get("original_ct", {})
+        at_threshold = original.get("false_positives_at_operating_threshold", "n/a")
         rows.append(f"| {name} ({hosts.get(name, '?')}) | {_pct(stage['sensitivity'], stage.get('sensitivity_ci'))} "
                     f"of {stage['nodules']} | "
                     + (f"{_cpm(froc)} | {_pct(_at(froc['sensitivity_at'], 2.0))} | " if froc else "n/a | n/a | ")
-                    + f"{lesions} | {_pct_free(fps)} |")
+                    + f"{_point(fold.get('operating_point'))} | {lesions} | "
+                    f"{at_threshold} ({_pct_free(original.get('false_positives_at', {}))}) |")
+        if fold.get("cpm_by_ranking"):
+            ranking_rows.append(f"| {name} | " + " | ".join(_cpm(fold["cpm_by_ranking"][way])
+                                                            for way in ("candidate_alone", "classifier_alone", "fused"))
+                                + " |")
     pooled, stage = summary.get("pooled"), summary["pooled_candidate_stage"]
     if pooled:
         rows.append(f"| **pooled** | {_pct(stage['sensitivity'], stage.get('sensitivity_ci'))} of {stage['nodules']} "
-                    f"| {_cpm(pooled)} | {_pct(_at(pooled['sensitivity_at'], 2.0))} | | |")
+                    f"| {_cpm(pooled)} | {_pct(_at(pooled['sensitivity_at'], 2.0))} | "
+                    f"{_point(pooled.get('operating_point'))} | | |")
+        if pooled.get("cpm_by_ranking"):
+            ranking_rows.append("| **pooled** | " + " | ".join(
+                f"{pooled['cpm_by_ranking'][way]:.2f}" for way in ("candidate_alone", "classifier_alone", "fused"))
+                + " |")
     sizes = " / ".join(f"{b['size']}: {_pct(b['sensitivity'])} of {b['nodules']}" for b in stage["by_size"])
     return f"""# Model card: {info.name}
 
@@ -128,8 +143,11 @@ def detector_card(detector, summary: dict, hosts: dict[str, str]) -> str:
   lesion probability are the proposals (at most 50 per scan), each with a diameter from its region.
 - Stage 2, decision and explanation: {info.arch} width x{info.width}, {info.input_size[0]}^3 patches on
   `{info.preprocess}`, trained on the candidate network's own false positives as negatives; its logit
-  difference z calibrated as P = sigmoid(z / {detector.temperature:.2f} {detector.bias:+.2f}) (temperature and
-  bias fitted on validation cohorts); Grad-CAM
+  difference z fused with the candidate score s as P = sigmoid(z / {detector.temperature:.2f}
+  {detector.candidate_weight:+.2f} logit(s) {detector.bias:+.2f}) (temperature, weight and bias fitted on
+  validation cohorts); a proposal inside a better-ranked one is the same lesion and is not listed twice;
+  operating threshold {_threshold(detector.operating_threshold)}, chosen on the validation cohorts as the lowest
+  P with at most one false positive per CT (the decision threshold of reports unless the user sets one); Grad-CAM
   (`{info.cam_method}`, layer `{info.cam_layer}`) of each listed candidate, blended onto the CT grid.
 - Engine version: {info.engine_version}
 
@@ -156,6 +174,10 @@ same recipe trained on all four hosts.
 
 {chr(10).join(rows)}
 
+What each stage contributes (CPM of the same proposals of the held-out test cohorts, ranked three ways):
+
+{chr(10).join(ranking_rows)}
+
 Candidate stage by size (pooled): {sizes}.
 {_not_held_out(summary)}
 
@@ -171,6 +193,16 @@ def _not_held_out(summary: dict) -> str:
     missing = summary.get("not_held_out") or []
     return (f"Not measured held out (in every fold's training data, but no fold of its own in this build): "
             f"{', '.join(missing)}.\n" if missing else "")
+
+
+def _point(point: dict | None) -> str:
+    if not point or point.get("sensitivity") is None:
+        return "n/a"
+    return f"{_pct(point['sensitivity'])}, {point['false_positives_per_scan']:.1f}"
+
+
+def _threshold(value: float | None) -> str:
+    return "none stored (reports use 0.5)" if value is None else f"P >= {value:.2f}"
 
 
 def _pct_free(fps: dict) -> str:

@@ -40,7 +40,7 @@ def output_names(case_id: str, with_probability: bool, with_dicom: bool = False)
 
 
 def write_detection(result: DetectionResult, ct: sitk.Image, out_dir: str | os.PathLike, case_id: str,
-                    threshold: float = 0.5, *, source: LoadedCT | None = None, dicom_out: bool | None = None,
+                    threshold: float | None = None, *, source: LoadedCT | None = None, dicom_out: bool | None = None,
                     include_identifiers: bool = False,
                     review: Mapping[int, Mapping[str, str]] | None = None) -> dict[str, Path]:
     """Write every output of one case into ``out_dir``; returns the paths by kind.
