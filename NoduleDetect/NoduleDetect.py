@@ -36,6 +36,7 @@ CANDIDATES_REF = "NoduleAICandidates"
 TABLE_REF = "NoduleAITable"
 VOLUME_REF = "NoduleAIVolume"  # from the table back to its CT
 PROBABILITY_ATTRIBUTE = "NoduleAI.scan_probability"
+THRESHOLD_ATTRIBUTE = "NoduleAI.decision_threshold"  # written by NoduleDetectLib.logic with the results
 LAST_MODEL_KEY = "NoduleAI/LastTrainedModel"  # written by NoduleTraining's "Use in NoduleDetect"
 POLL_MS = 200
 
@@ -311,11 +312,14 @@ class NoduleDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if table is None:
             self.ui.resultLabel.text = ""
             return
-        probability = table.GetAttribute(PROBABILITY_ATTRIBUTE)
+        probability, threshold = table.GetAttribute(PROBABILITY_ATTRIBUTE), table.GetAttribute(THRESHOLD_ATTRIBUTE)
         if probability:
             prob = float(probability)
-            self.ui.resultLabel.text = (f"{volume.GetName()}: P(nodule) = {prob:.2f}, "
-                                        f"{'suspicious' if prob >= 0.5 else 'no nodule found'}. {DISCLAIMER}")
+            # The logic stores the model's decision threshold; a scene saved before it existed gets no verdict.
+            verdict = "" if not threshold else (
+                f", {'suspicious' if prob >= float(threshold) else 'no nodule found'} "
+                f"(operating threshold {float(threshold):.2f})")
+            self.ui.resultLabel.text = f"{volume.GetName()}: P(nodule) = {prob:.2f}{verdict}. {DISCLAIMER}"
         self.ui.exportDirectory.directory = str(self.logic.defaultExportFolder(volume))
         if self._parameterNode:
             self.logic.setHeatmapDisplay(volume, self._parameterNode.opacity, self._parameterNode.threshold)

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 import slicer  # slicer-core: real MRML without the application
 from conftest import LIDC_0001, require
-from NoduleDetectLib.logic import DetectionLogic, heat_color_node, image_from_volume_node
+from NoduleDetectLib.logic import THRESHOLD_ATTRIBUTE, DetectionLogic, heat_color_node, image_from_volume_node
 from slicer_scene import load_volume, new_scene, read_mrb
 
 from noduleai.checkpoint import bundled_model_path
@@ -122,6 +122,11 @@ def test_slice_views_show_the_heatmap_and_points_sit_on_candidates(processed, li
     rows = DetectionLogic.review_rows(nodes.table)
     assert [r["rank"] for r in rows] == [c.rank for c in candidates]
     assert all(r["review"] == "unreviewed" for r in rows)
+    # The panel's verdict uses the detector's own operating threshold (as the CLI report does), read back
+    # from the table node the scene saves.
+    stored = float(nodes.table.GetAttribute(THRESHOLD_ATTRIBUTE))
+    assert stored == pytest.approx(nodes.result.decision_threshold()[0], abs=1e-6)
+    assert stored == pytest.approx(nodes.result.report("x")["decision_threshold"], abs=1e-6)
 
 
 def test_cancel_leaves_the_scene_unchanged_and_progress_is_reported(processed, lidc_in_slicer):

@@ -169,6 +169,7 @@ def test_panel_finds_results_by_the_references_the_logic_writes():
     for key in ("HEATMAP_REF", "CANDIDATES_REF", "TABLE_REF", "VOLUME_REF"):
         assert ours[key] == theirs[key], key
     assert f'"{ours["PROBABILITY_ATTRIBUTE"]}"' in logic_source
+    assert ours["THRESHOLD_ATTRIBUTE"] == theirs["THRESHOLD_ATTRIBUTE"]
     training = _constants((MODULES["NoduleTraining"] / "NoduleTrainingLib" / "logic.py").read_text())
     assert ours["LAST_MODEL_KEY"] == training["LAST_MODEL_KEY"]
 
@@ -499,6 +500,7 @@ class FakeBackgroundDetection:
             table.SetCellText(row, logic.TABLE_COLUMNS.index("review"), "unreviewed")
             table.SetCellText(row, logic.TABLE_COLUMNS.index("note"), "")
         table.SetAttribute("NoduleAI.scan_probability", "0.900000")
+        table.SetAttribute(logic.THRESHOLD_ATTRIBUTE, "0.950000")  # the model's operating threshold, not 0.5
         ct.SetNodeReferenceID(logic.HEATMAP_REF, heatmap.GetID())
         ct.SetNodeReferenceID(logic.TABLE_REF, table.GetID())
 
@@ -557,6 +559,7 @@ def scenario_detect_panel(tmp: str) -> None:
     w._timer.fire()
     table = ct.GetNodeReference(logic.TABLE_REF)
     assert ui.candidatesTable.mrmlTableNode() is table and "0.90" in ui.resultLabel.text
+    assert "no nodule found (operating threshold 0.95)" in ui.resultLabel.text
     assert ui.acceptButton.enabled and ui.exportButton.enabled
 
     # Sliders act at once on the shown heatmap.

@@ -28,7 +28,7 @@ from scipy import ndimage
 from noduleai import DISCLAIMER, __version__
 from noduleai.cam import blended_candidate_cams, cam_to_ct, grad_cam
 from noduleai.candidates import TISSUE_THRESHOLD, blob_centres, inscribed_radius
-from noduleai.checkpoint import ModelInfo, load_model
+from noduleai.checkpoint import MODEL_FORMAT, ModelInfo, model_from_payload, safe_load
 from noduleai.geometry import lps_to_ras, resample_like
 from noduleai.models import ResNet3D, pick_device
 from noduleai.patches import extract_patch
@@ -73,14 +73,20 @@ class DetectionResult:
     model: dict[str, Any]
     timings_s: dict[str, float] = field(default_factory=dict)
 
+    def decision_threshold(self, requested: float | None = None) -> tuple[float, str]:
+        """The threshold on P(nodule) that reports and the Slicer panel decide at, and where it comes from:
+        the user's, else the model's operating threshold (chosen on validation, stored in the detector
+        file), else 0.5 for models without one."""
+        if requested is not None:
+            return float(requested), "requested"
+        stored = self.model.get("operating_threshold")
+        if stored is None:
+            return DEFAULT_DECISION_THRESHOLD, "default"
+        return float(stored), "model's operating threshold (chosen on validation)"
+
     def report(self, case_id: str, threshold: float | None = None) -> dict[str, Any]:
-        """The JSON report; ``threshold`` None: the model's operating threshold (chosen on validation and
-        stored in the detector file), else 0.5 for models without one."""
-        source = "requested"
-        if threshold is None:
-            stored = self.model.get("operating_threshold")
-            threshold, source = ((DEFAULT_DECISION_THRESHOLD, "default") if stored is None
-                                 else (float(stored), "model's operating threshold (chosen on validation)"))
+        """The JSON report, deciding at :meth:`decision_threshold`."""
+        threshold, source = self.decision_threshold(threshold)
         return {
             "case": case_id,
             "disclaimer": DISCLAIMER,
@@ -98,6 +104,14 @@ class DetectionResult:
             "lung_found": self.lung_found,
             "timings_s": self.timings_s,
         }
+
+
+def describe_model(detector) -> dict[str, Any]:
+    """What every detector's reports say about it (v1 and v2 add their own keys)."""
+    info = detector.info
+    return {"name": info.name, "file": Path(detector.source).name if detector.source else None,
+            "arch": info.arch, "width": info.width, "engine_version": info.engine_version,
+            "cam_method": detector.cam_method, "cam_layer": detector.cam_layer, "device": str(detector.device)}
 
 
 class Detector:
@@ -119,14 +133,17 @@ class Detector:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto", **kwargs) -> Detector:
-        model, info = load_model(path, "cpu")
+        return cls.from_payload(safe_load(path, MODEL_FORMAT), path, device, **kwargs)
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], path: str | os.PathLike, device: str = "auto",
+                     **kwargs) -> Detector:
+        """From a model file already read (``path`` names it in errors)."""
+        model, info = model_from_payload(payload, path, "cpu")
         return cls(model, info, device, source=str(path), **kwargs)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.info.name, "file": Path(self.source).name if self.source else None,
-                "arch": self.info.arch, "width": self.info.width, "task": self.info.task,
-                "engine_version": self.info.engine_version, "cam_method": self.cam_method,
-                "cam_layer": self.cam_layer, "device": str(self.device)}
+        return describe_model(self) | {"task": self.info.task}
 
     def detect(self, ct: sitk.Image, progress: ProgressCallback | None = None) -> DetectionResult:
         """Run detection on a CT in HU (validated by :func:`noduleai.io.read_ct`).

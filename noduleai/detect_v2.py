@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,7 @@ from noduleai.cam import blended_candidate_cams, cam_to_ct
 from noduleai.candidate_net import CandidateNetConfig, candidate_net_from_payload, probability_map, proposals_from_map
 from noduleai.checkpoint import FORMAT_VERSION as MODEL_FORMAT_VERSION
 from noduleai.checkpoint import MODEL_FORMAT, CheckpointError, ModelInfo, model_from_payload, safe_load
-from noduleai.detect import DetectionCancelled, DetectionResult, Detector, ProgressCallback, _candidate
+from noduleai.detect import DetectionCancelled, DetectionResult, Detector, ProgressCallback, _candidate, describe_model
 from noduleai.files import atomic_path
 from noduleai.geometry import array_index_to_lps, image_from_array, lps_to_array_index, resample_like
 from noduleai.models import ResNet3D, pick_device
@@ -102,14 +101,10 @@ class TwoStageDetector:
                    operating_threshold=None if threshold is None else float(threshold), **options)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.info.name, "file": Path(self.source).name if self.source else None,
-                "engine_version": self.info.engine_version, "arch": self.info.arch, "width": self.info.width,
-                "task": "two-stage",
-                "candidate_network": f"BasicUNet {list(self.candidate_config.features)}",
-                "temperature": self.temperature, "bias": self.bias, "candidate_weight": self.candidate_weight,
-                "operating_threshold": self.operating_threshold, "cam_method": self.cam_method,
-                "cam_layer": self.cam_layer,
-                "device": str(self.device)}
+        return describe_model(self) | {
+            "task": "two-stage", "candidate_network": f"BasicUNet {list(self.candidate_config.features)}",
+            "temperature": self.temperature, "bias": self.bias, "candidate_weight": self.candidate_weight,
+            "operating_threshold": self.operating_threshold}
 
     def _report(self, fraction: float) -> None:
         if self._progress is not None and self._progress(fraction):
@@ -230,6 +225,6 @@ def load_detector(path: str | os.PathLike, device: str = "auto", **options) -> D
     ``min_probability``); ``stride_mm`` only applies to v1 and is ignored for v2, which has no dense scan."""
     payload = safe_load(path, {DETECTOR_FORMAT: DETECTOR_FORMAT_VERSION, MODEL_FORMAT: MODEL_FORMAT_VERSION})
     if payload["format"] == MODEL_FORMAT:
-        return Detector.from_checkpoint(path, device, **options)
+        return Detector.from_payload(payload, path, device, **options)
     options.pop("stride_mm", None)
     return TwoStageDetector.from_payload(payload, path, device, **options)

@@ -1,10 +1,13 @@
-"""Atomic file writing: a file is either complete at its final path or absent."""
+"""Atomic file writing (a file is either complete at its final path or absent) and keyed work (reused only
+when the inputs that made it are unchanged)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,3 +40,30 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# -- keyed work: reused only when everything that made it is unchanged ------------------------------------
+def content_key(value: Any) -> str:
+    """A hash of ``value`` (JSON-able: settings, case ids, other keys) naming what made a piece of work."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=_jsonable).encode()).hexdigest()
+
+
+def read_keyed(path: str | os.PathLike, key: str) -> dict | None:
+    """The JSON record at ``path`` when its ``"key"`` is ``key``; None when absent or made from other inputs."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("key") == key else None
+
+
+def keyed_folder(folder: str | os.PathLike, key: str) -> Path:
+    """``folder`` ready for work made from ``key``: a folder holding work made from anything else (or from
+    unknown inputs) is wiped first, so that resuming never mixes inputs."""
+    folder = Path(folder)
+    stamp = folder / "data_key.json"
+    if folder.exists() and read_keyed(stamp, key) is None:
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic({"key": key}, stamp)
+    return folder

@@ -29,6 +29,7 @@ VOLUME_REF = "NoduleAIVolume"  # from the table back to its CT (case name, paren
 CASE_ATTRIBUTE = "NoduleAI.case"
 COLOR_NODE_NAME = "NoduleAI Heat"
 REVIEW_STATES = ("unreviewed", "accepted", "rejected")
+THRESHOLD_ATTRIBUTE = "NoduleAI.decision_threshold"  # the model's operating threshold (see DetectionResult)
 TABLE_COLUMNS = ("rank", "probability", "diameter_mm", "R", "A", "S", "review", "note")
 
 
@@ -151,6 +152,7 @@ class DetectionLogic:
         table = _reference(ct, TABLE_REF, "vtkMRMLTableNode", f"{name} NoduleAI candidates table")
         self._fill_table(table, result)
         for key, value in (("NoduleAI.scan_probability", f"{result.scan_probability:.6f}"),
+                           (THRESHOLD_ATTRIBUTE, f"{result.decision_threshold()[0]:.6f}"),
                            ("NoduleAI.model", json.dumps(result.model)), ("NoduleAI.disclaimer", DISCLAIMER),
                            (CASE_ATTRIBUTE, name)):
             table.SetAttribute(key, value)
