@@ -70,3 +70,24 @@ def test_manifest_round_trip(cohort):
     manifest = load_manifest(os.path.join(os.path.dirname(cohort[0].image_path), "manifest.json"))
     assert [c.case_id for c in manifest] == [c.case_id for c in cohort]
     assert manifest[0].nodules == cohort[0].nodules
+
+
+def test_keyed_work_is_reused_only_for_the_inputs_that_made_it(tmp_path):
+    """A resumable stage's folder survives a rerun with the same inputs and is wiped when they changed (or
+    when nothing says what made it); a keyed record is read back only under its own key."""
+    from noduleai.files import content_key, keyed_folder, read_keyed, write_json_atomic
+
+    key = content_key({"cases": ["a", "b"], "epochs": 4})
+    assert key == content_key({"epochs": 4, "cases": ["a", "b"]})  # the same inputs in another order
+    assert key != content_key({"cases": ["a", "c"], "epochs": 4})
+    run = keyed_folder(tmp_path / "run", key)
+    (run / "last.pt").write_text("progress")
+    assert (keyed_folder(tmp_path / "run", key) / "last.pt").read_text() == "progress"  # resumed
+    assert not (keyed_folder(tmp_path / "run", content_key("other")) / "last.pt").exists()  # stale: wiped
+    (tmp_path / "legacy").mkdir()
+    (tmp_path / "legacy" / "last.pt").write_text("unknown inputs")
+    assert not (keyed_folder(tmp_path / "legacy", key) / "last.pt").exists()
+    write_json_atomic({"key": key, "mined": {"a": [[1.0, 2.0, 3.0]]}}, tmp_path / "mined.json")
+    assert read_keyed(tmp_path / "mined.json", key)["mined"] == {"a": [[1.0, 2.0, 3.0]]}
+    assert read_keyed(tmp_path / "mined.json", content_key("other")) is None
+    assert read_keyed(tmp_path / "absent.json", key) is None

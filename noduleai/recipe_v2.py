@@ -156,7 +156,7 @@ def _mined_once(name: str, net, config, cases, entries, paths: V2Paths) -> dict:
     import hashlib
     import json
 
-    from noduleai.files import write_json_atomic
+    from noduleai.files import read_keyed, write_json_atomic
     from noduleai.real_cohort import KEY_FILE
 
     # The cases' cohort keys (a rebuilt cohort reuses case ids), every setting mining depends on, the weights.
@@ -167,8 +167,9 @@ def _mined_once(name: str, net, config, cases, entries, paths: V2Paths) -> dict:
     for value in net.state_dict().values():
         digest.update(value.detach().cpu().numpy().tobytes())
     key, path = digest.hexdigest(), paths.root / "mined" / f"{name}.json"
-    if path.exists() and json.loads(path.read_text()).get("key") == key:
-        return json.loads(path.read_text())["mined"]
+    done = read_keyed(path, key)
+    if done is not None:
+        return done["mined"]
     mined = mine_false_positives(net, config, cases, entries, paths)
     write_json_atomic({"key": key, "mined": mined}, path)
     return mined
@@ -232,13 +233,10 @@ def train_classifier_stage(name: str, net, config, training: list, validation: l
     """Stage 2 of run ``name``: the ResNet on the candidate network's own false positives (mined on the
     training and validation cohorts), model choice on validation, temperature and bias fitted on validation.
     Returns the detector, the classifier's training result and the calibration record."""
-    import hashlib
-    import json
-    import shutil
-
     from noduleai.cache import build_cache
     from noduleai.checkpoint import load_model
     from noduleai.detect_v2 import TwoStageDetector
+    from noduleai.files import content_key, keyed_folder
     from noduleai.train import train
 
     records = [training_record(c) for c in training + validation] + list(test_cases)
@@ -249,14 +247,8 @@ def train_classifier_stage(name: str, net, config, training: list, validation: l
     mined = _mined_once(name, net, config, training + validation, entries, paths)
     # train() resumes a run from its settings alone; a run made from other cases or negatives must not be
     # resumed, so the run folder is keyed by them and started afresh when they changed.
-    run = paths.classifier_run(name)
-    key = hashlib.sha256(json.dumps([[e.case_id for e in entries], parts, mined, classifier_config(epochs).to_dict()],
-                                    sort_keys=True).encode()).hexdigest()
-    key_file = run / "data_key.json"
-    if run.exists() and (not key_file.exists() or json.loads(key_file.read_text()).get("key") != key):
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(json.dumps({"key": key}))
+    run = keyed_folder(paths.classifier_run(name), content_key(
+        [[e.case_id for e in entries], parts, mined, classifier_config(epochs).to_dict()]))
     result = train(entries, classifier_config(epochs), CLASSIFIER_PREPROCESS, run, progress=progress,
                    hard_negatives=mined, parts=parts)
     classifier, info = load_model(result.best_model)
@@ -371,7 +363,7 @@ def leave_one_host_out(data_root: str | os.PathLike, work_dir: str | os.PathLike
     import json
 
     from noduleai.evaluate import candidate_stage, froc
-    from noduleai.files import write_json_atomic
+    from noduleai.files import read_keyed, write_json_atomic
     from noduleai.real_cohort import KEY_FILE
 
     paths = V2Paths(Path(work_dir))
@@ -387,13 +379,13 @@ def leave_one_host_out(data_root: str | os.PathLike, work_dir: str | os.PathLike
     if unknown:
         raise ValueError(f"held-out host(s) {sorted(unknown)} not among the hosts {list(cohorts)}")
     for host in held_out or list(cohorts):
-        done = paths.fold_result(host)
-        if done.exists() and json.loads(done.read_text()).get("key") == key:
-            folds[host] = json.loads(done.read_text())
+        done = read_keyed(paths.fold_result(host), key)
+        if done is not None:
+            folds[host] = done
             continue
         folds[host] = run_fold(host, cohorts, real, paths, candidate_steps, epochs, progress,
                                with_classifier) | {"key": key}
-        write_json_atomic(folds[host], done)
+        write_json_atomic(folds[host], paths.fold_result(host))
     truths = [t for f in folds.values() for t in f["truths"]]
     report = {"protocol": __doc__.split("Protocol: ")[1].strip(), "folds": folds,
               "not_held_out": [h for h in cohorts if h not in folds],
