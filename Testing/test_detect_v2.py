@@ -270,13 +270,19 @@ def test_card_shows_every_held_out_host_with_its_own_numbers():
               "pooled_candidate_stage": candidate_stage([[(0.0, 0.0, 0.0)]] * 2, truths),
               "pooled": {"cpm": pooled.cpm, "cpm_ci": pooled.cpm_ci, "sensitivity_at": pooled.sensitivity_at}}
     detector = _tiny_two_stage()
+    stressed = folds["lung1"] | {"original_ct": {"real_lesions": [{"diameter_mm": 14.2, "rank": None,
+                                                                  "probability": None}],
+                                                 "false_positives_at_operating_threshold": 4}}
+    detector.info.metrics = {"thick_slice_stress": {"lung1": {"8.0": stressed}}}
     card = detector_card(detector, summarise_loho(report), {"lidc0001": "GE 2.5 mm", "lung1": "5 mm"})
+    stress_row = next(line for line in card.splitlines() if line.startswith("| lung1 | 8 mm (simulated) |"))
+    assert _cpm_text(folds["lung1"]["froc"]) in stress_row and "14 mm: missed" in stress_row
+    assert stress_row.endswith("| 4 |")
     assert "PROTOCOL TEXT" in card and "research use" in card.lower()
     assert "no fold of its own in this build): totalseg" in card
     for name, acquisition in (("lidc0001", "GE 2.5 mm"), ("lung1", "5 mm")):
         row = next(line for line in card.splitlines() if line.startswith(f"| {name} ({acquisition}) |"))
-        f = folds[name]["froc"]
-        assert f"{f['cpm']:.2f} ({f['cpm_ci'][0]:.2f}-{f['cpm_ci'][1]:.2f})" in row
+        assert _cpm_text(folds[name]["froc"]) in row
         assert "23 mm: rank 1, P 0.93" in row and row.endswith("| 1 (2) |")
         point = folds[name]["operating_point"]
         assert f"| {100 * point['sensitivity']:.0f} %, {point['false_positives_per_scan']:.1f} |" in row
@@ -289,3 +295,7 @@ def test_card_shows_every_held_out_host_with_its_own_numbers():
     assert folds["lung1"]["operating_point"]["false_positives_per_scan"] == 1.0
     assert "| **pooled** | " in card and "P = sigmoid(z / 2.50\n  +0.00 logit(s) -1.25)" in card
     assert "operating threshold none stored" in card
+
+
+def _cpm_text(froc: dict) -> str:
+    return f"{froc['cpm']:.2f} ({froc['cpm_ci'][0]:.2f}-{froc['cpm_ci'][1]:.2f})"

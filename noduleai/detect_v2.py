@@ -27,7 +27,15 @@ from noduleai.cam import blended_candidate_cams, cam_to_ct
 from noduleai.candidate_net import CandidateNetConfig, candidate_net_from_payload, probability_map, proposals_from_map
 from noduleai.checkpoint import FORMAT_VERSION as MODEL_FORMAT_VERSION
 from noduleai.checkpoint import MODEL_FORMAT, CheckpointError, ModelInfo, model_from_payload, safe_load
-from noduleai.detect import DetectionCancelled, DetectionResult, Detector, ProgressCallback, _candidate, describe_model
+from noduleai.detect import (
+    Candidate,
+    DetectionCancelled,
+    DetectionResult,
+    Detector,
+    ProgressCallback,
+    _candidate,
+    describe_model,
+)
 from noduleai.files import atomic_path
 from noduleai.geometry import array_index_to_lps, image_from_array, lps_to_array_index, resample_like
 from noduleai.models import ResNet3D, pick_device
@@ -176,14 +184,21 @@ class TwoStageDetector:
                 break
         return kept
 
+    def listed(self, scored: ScoredProposals) -> tuple[list[Candidate], list[int], np.ndarray]:
+        """The candidates a reader is shown (ranked, one per lesion), the proposal index of each, and every
+        proposal's probability: :meth:`detect` without the explanation."""
+        probs = self.probabilities(scored)
+        kept = self.ranked(scored, probs)
+        return ([_candidate(rank, scored.proposals[i][0], float(probs[i]), scored.proposals[i][2])
+                 for rank, i in enumerate(kept, 1)], kept, probs)
+
     def detect(self, ct: sitk.Image, progress: ProgressCallback | None = None) -> DetectionResult:
         """Detect on a CT in HU; ``progress(fraction)`` returning True cancels (nothing is left behind)."""
         self._progress = progress
         t0 = time.perf_counter()
         self._report(0.0)
         scored = self.scored_proposals(ct)
-        probs = self.probabilities(scored)
-        kept = self.ranked(scored, probs)
+        candidates, kept, probs = self.listed(scored)
         timings = dict(scored.timings)
         self._report(0.9)
         t = time.perf_counter()
@@ -192,8 +207,6 @@ class TwoStageDetector:
                                             self.cam_layer, self.cam_method, self.device)
         heatmap = cam_to_ct(cam_volume, scored.pre.image, ct)
         timings["grad_cam"] = time.perf_counter() - t
-        candidates = [_candidate(rank, scored.proposals[i][0], float(probs[i]), scored.proposals[i][2])
-                      for rank, i in enumerate(kept, 1)]
         timings["total"] = time.perf_counter() - t0
         self._report(1.0)
         return DetectionResult(max([c.probability for c in candidates], default=0.0), candidates, heatmap,
