@@ -13,7 +13,7 @@ from noduleai.calibration import calibrated, expected_calibration_error, fit_cal
 from noduleai.candidate_net import CandidateNetConfig
 from noduleai.checkpoint import ModelInfo
 from noduleai.detect import DetectionCancelled
-from noduleai.detect_v2 import TwoStageDetector
+from noduleai.detect_v2 import MAP_FLOOR, TwoStageDetector
 from noduleai.evaluate import hits
 from noduleai.geometry import same_geometry
 from noduleai.models import build_model
@@ -67,6 +67,10 @@ def test_two_stage_detection_on_a_phantom(phantom, monkeypatch):
         assert abs(hit[0].diameter_mm - nodule.diameter_mm) < 0.3 * nodule.diameter_mm + 2.0
         assert np.allclose(hit[0].position_ras, np.asarray(hit[0].position_lps) * [-1, -1, 1])
     assert same_geometry(result.heatmap, phantom.image) and same_geometry(result.probability_map, phantom.image)
+    # The candidate map keeps the lesions and drops the faint background (a small, fast output file).
+    _proposals, candidate_map, _found = detector.propose(phantom.image)
+    shown = sitk.GetArrayFromImage(candidate_map)
+    assert shown.max() > 0.9 and shown[shown > 0].min() >= MAP_FLOOR
     heat = sitk.GetArrayFromImage(result.heatmap)
     assert heat.max() > 0 and heat.min() >= 0
     # Tukey blending: no step at any patch face (the largest voxel-to-voxel jump stays well below the peak).
