@@ -60,6 +60,16 @@ def test_bundled_detector_is_small_safe_and_carded(bundled):
         assert f"| {name} ({HOSTS[name][1]}) |" in card
         assert f"{fold['froc']['cpm']:.2f} ({fold['froc']['cpm_ci'][0]:.2f}-" in card  # the recorded CPM
     assert "| **pooled** | " in card and f"{loho['pooled']['cpm']:.2f}" in card
+    # The working point was chosen on the shipped model's validation cohorts and travels in the file.
+    fit = detector.info.metrics["calibration"]
+    assert 0.0 < detector.operating_threshold < 1.0 and detector.operating_threshold == fit["operating_threshold"]
+    assert detector.candidate_weight == fit["candidate_weight"] and f"P >= {detector.operating_threshold:.2f}" in card
+    # Each held-out host also measured at thicker slices than any host has (simulated), in the card.
+    stress = detector.info.metrics["thick_slice_stress"]
+    assert set(stress) == {name for name, fold in loho["folds"].items() if "froc" in fold}
+    for name, by_thickness in stress.items():
+        for thickness, measured in by_thickness.items():
+            assert f"| {name} | {float(thickness):g} mm (simulated) | {measured['froc']['cpm']:.2f}" in card
 
 
 def test_detect_uses_the_bundled_detector_by_default_and_reproduces_its_lung1_record(bundled, tmp_path):
@@ -69,6 +79,7 @@ def test_detect_uses_the_bundled_detector_by_default_and_reproduces_its_lung1_re
     report = json.loads((tmp_path / "lung1_image_report.json").read_text())
     assert report["model"]["name"] == BUNDLED_V2_NAME and report["model"]["file"] == BUNDLED_MODEL_FILE
     assert report["disclaimer"] == DISCLAIMER
+    assert report["decision_threshold"] == detector.operating_threshold  # the model's working point
     # lung1 was a training host: its record is a regression check, the measurement is the held-out fold's.
     recorded = detector.info.metrics["training_hosts_check"]["lung1"][0]
     hit = _lung1_hit(report)
