@@ -11,7 +11,7 @@ import pytest
 from conftest import SHARED_DATA, require
 
 from noduleai.crops import read_crop_index, split_by_patient
-from noduleai.recipe_v2 import CROP_PARTS, V2_SEED, V2Paths, leave_one_host_out
+from noduleai.recipe_v2 import CROP_PARTS, RANKINGS, V2_SEED, V2Paths, leave_one_host_out
 
 
 @pytest.mark.slow
@@ -31,7 +31,8 @@ def test_leave_one_host_out_keeps_hosts_and_patients_apart(tmp_path):
         manifest = json.loads((paths.cohort(held_out, "test") / "manifest.json").read_text())
         assert {c["patient_id"] for c in manifest} == {f"host:{held_out}"}
         assert fold["froc"]["scans"] == fold["test_cts"] == len(manifest)
-        assert "temperature" in fold["calibration"]
+        assert "temperature" in fold["calibration"] and 0.0 <= fold["calibration"]["operating_threshold"] <= 1.0
+        assert set(fold["cpm_by_ranking"]) == set(RANKINGS) and fold["operating_point"]["scans"] == fold["test_cts"]
     stamp = paths.fold_result("lung1").stat().st_mtime_ns
     again = leave_one_host_out(SHARED_DATA, tmp_path, candidate_steps=2, epochs=1, hosts=["totalseg", "lung1"],
                                progress=False)

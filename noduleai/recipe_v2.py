@@ -183,6 +183,8 @@ def fit_fold_calibration(detector, cases) -> dict:
     out). The classifier alone (temperature, bias) and fused with the candidate score (plus its weight) are
     both fitted and recorded; the detector keeps the fusion. The operating threshold is the lowest P at
     which the validation CTs hold at most ``OPERATING_FP_PER_SCAN`` false positives each on average."""
+    from dataclasses import replace
+
     from noduleai.calibration import calibrated, expected_calibration_error, fit_calibration, operating_threshold
     from noduleai.evaluate import hits_any
     from noduleai.io import read_ct
@@ -194,15 +196,19 @@ def fit_fold_calibration(detector, cases) -> dict:
         z += [float(scored.z[i]) for i in keep]
         s += [scored.proposals[i][1] for i in keep]
         y += [int(hits_any(scored.proposals[i][0], case.nodules)) for i in keep]
-        per_scan.append(scored)
+        per_scan.append(replace(scored, pre=None, candidate_map=None))  # the lists only, not the volumes
     record = {"validation_cts": len(cases), "validation_proposals": len(y), "positives": int(sum(y))}
     if len(set(y)) < 2:  # nothing to fit on: say so, keep the network's own probabilities
         detector.temperature, detector.bias, detector.candidate_weight = 1.0, 0.0, 0.0
-        return record | {"temperature": 1.0, "bias": 0.0, "candidate_weight": 0.0,
-                         "note": "not fitted: the validation proposals hold only one class"}
-    t_alone, b_alone, _ = fit_calibration(z, y)
-    detector.temperature, detector.bias, detector.candidate_weight = fit_calibration(z, y, s)
-    fused = calibrated(z, detector.temperature, detector.bias, s, detector.candidate_weight)
+        record["note"] = "not fitted: the validation proposals hold only one class"
+    else:
+        t_alone, b_alone, _ = fit_calibration(z, y)
+        detector.temperature, detector.bias, detector.candidate_weight = fit_calibration(z, y, s)
+        record |= {"classifier_alone": {"temperature": t_alone, "bias": b_alone,
+                                        "ece": expected_calibration_error(calibrated(z, t_alone, b_alone), y)},
+                   "ece_before": expected_calibration_error(calibrated(z, 1.0), y),
+                   "ece_after": expected_calibration_error(
+                       calibrated(z, detector.temperature, detector.bias, s, detector.candidate_weight), y)}
     # The working point on the product's own ranked lists (one per lesion), as a reader would see them.
     probs, lesion = [], []
     for case, scored in zip(cases, per_scan):
@@ -211,13 +217,9 @@ def fit_fold_calibration(detector, cases) -> dict:
         probs.append([float(p[i]) for i in kept])
         lesion.append([hits_any(scored.proposals[i][0], case.nodules) for i in kept])
     detector.operating_threshold = operating_threshold(probs, lesion, OPERATING_FP_PER_SCAN)
-    return record | {
-        "temperature": detector.temperature, "bias": detector.bias, "candidate_weight": detector.candidate_weight,
-        "operating_threshold": detector.operating_threshold, "operating_fp_per_scan": OPERATING_FP_PER_SCAN,
-        "classifier_alone": {"temperature": t_alone, "bias": b_alone,
-                             "ece": expected_calibration_error(calibrated(z, t_alone, b_alone), y)},
-        "ece_before": expected_calibration_error(calibrated(z, 1.0), y),
-        "ece_after": expected_calibration_error(fused, y)}
+    return record | {"temperature": detector.temperature, "bias": detector.bias,
+                     "candidate_weight": detector.candidate_weight, "operating_threshold": detector.operating_threshold,
+                     "operating_fp_per_scan": OPERATING_FP_PER_SCAN}
 
 
 def train_candidates(name: str, training: list, paths: V2Paths, candidate_steps: int, progress: bool = True):
