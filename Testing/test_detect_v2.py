@@ -199,6 +199,11 @@ def test_detector_file_round_trip_and_format_dispatch(phantom, tmp_path):
     assert report["decision_threshold"] == 0.42 and "validation" in report["decision_threshold_source"]
     assert report["n_candidates_at_or_above_threshold"] == sum(c.probability >= 0.42 for c in b.candidates)
     assert b.report("case", 0.9)["decision_threshold"] == 0.9
+    # A working point of 0 (every validation false positive allowed) never turns an empty list into a finding.
+    from noduleai.detect import DetectionResult
+
+    empty = DetectionResult(0.0, [], b.heatmap, None, True, {"operating_threshold": 0.0})
+    assert empty.report("case")["decision"] == "no nodule found"
     # A file written before the working point existed loads with none and reports at 0.5.
     for key in ("candidate_weight", "operating_threshold"):
         del payload[key]
@@ -299,6 +304,9 @@ def test_card_shows_every_held_out_host_with_its_own_numbers():
     assert folds["lung1"]["operating_point"]["false_positives_per_scan"] == 1.0
     assert "| **pooled** | " in card and "P = sigmoid(z / 2.50\n  +0.00 logit(s) -1.25)" in card
     assert "operating threshold none stored" in card
+    from noduleai.modelcard import RANKING_LABELS
+
+    assert tuple(RANKING_LABELS) == RANKINGS  # the card's columns are the recipe's rankings, in order
 
 
 def _cpm_text(froc: dict) -> str:

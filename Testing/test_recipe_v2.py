@@ -11,7 +11,21 @@ import pytest
 from conftest import SHARED_DATA, require
 
 from noduleai.crops import read_crop_index, split_by_patient
-from noduleai.recipe_v2 import CROP_PARTS, RANKINGS, V2_SEED, V2Paths, leave_one_host_out
+from noduleai.io import read_ct
+from noduleai.real_cohort import load_real_host
+from noduleai.recipe_v2 import (
+    CROP_PARTS,
+    RANKINGS,
+    V2_SEED,
+    V2Paths,
+    build_v2_cohorts,
+    fold_detector,
+    leave_one_host_out,
+    on_original_ct,
+    original_case,
+    reproduces,
+    thick_slice_stress,
+)
 
 
 @pytest.mark.slow
@@ -33,6 +47,18 @@ def test_leave_one_host_out_keeps_hosts_and_patients_apart(tmp_path):
         assert fold["froc"]["scans"] == fold["test_cts"] == len(manifest)
         assert "temperature" in fold["calibration"] and 0.0 <= fold["calibration"]["operating_threshold"] <= 1.0
         assert set(fold["cpm_by_ranking"]) == set(RANKINGS) and fold["operating_point"]["scans"] == fold["test_cts"]
+    # A finished fold's detector, rebuilt from its saved stages, gives its recorded result again (what the
+    # thick-slice stress test relies on), and the thick slices are measured with the same protocol.
+    real = {"lung1": load_real_host(SHARED_DATA, "lung1")}
+    original = original_case(real["lung1"])
+    fold = report["folds"]["lung1"]
+    detector = fold_detector(paths, fold)
+    assert detector.operating_threshold == fold["calibration"]["operating_threshold"]
+    assert reproduces(fold["original_ct"], on_original_ct(detector, original,
+                                                          detector.scored_proposals(read_ct(original.image_path))))
+    cohorts, _ = build_v2_cohorts(SHARED_DATA, paths, ["totalseg", "lung1"], progress=False)
+    stress = thick_slice_stress(paths, cohorts, real, {"lung1": fold}, (8.0,), progress=False)
+    assert stress["lung1"]["8.0"]["froc"]["scans"] == fold["test_cts"]
     stamp = paths.fold_result("lung1").stat().st_mtime_ns
     again = leave_one_host_out(SHARED_DATA, tmp_path, candidate_steps=2, epochs=1, hosts=["totalseg", "lung1"],
                                progress=False)

@@ -103,7 +103,7 @@ def test_the_real_nodule_in_ras_lies_in_the_heatmaps_hot_region(processed):
 
 def test_slice_views_show_the_heatmap_and_points_sit_on_candidates(processed, lidc_in_slicer):
     _, ct = lidc_in_slicer
-    _, nodes = processed
+    logic, nodes = processed
     composites = slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode")
     assert len(composites) == 3
     for composite in composites:
@@ -125,8 +125,8 @@ def test_slice_views_show_the_heatmap_and_points_sit_on_candidates(processed, li
     # The panel's verdict uses the detector's own operating threshold (as the CLI report does), read back
     # from the table node the scene saves.
     stored = float(nodes.table.GetAttribute(THRESHOLD_ATTRIBUTE))
-    assert stored == pytest.approx(nodes.result.decision_threshold()[0], abs=1e-6)
-    assert stored == pytest.approx(nodes.result.report("x")["decision_threshold"], abs=1e-6)
+    assert nodes.result.model["operating_threshold"] is not None  # the bundled detector has one
+    assert stored == nodes.result.model["operating_threshold"] == logic.detector.operating_threshold
 
 
 def test_cancel_leaves_the_scene_unchanged_and_progress_is_reported(processed, lidc_in_slicer):

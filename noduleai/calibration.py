@@ -66,7 +66,7 @@ def operating_threshold(probabilities: Sequence[Sequence[float]], is_lesion: Seq
     if allowed >= len(false):
         return 0.0
     # Strictly above the (allowed + 1)-th highest false positive's probability.
-    return float(np.nextafter(false[allowed], 1.0))
+    return float(np.nextafter(false[allowed], np.inf))  # above 1.0 too, when a false positive scores 1.0
 
 
 def expected_calibration_error(prob: np.ndarray | Sequence[float], labels: np.ndarray | Sequence[int],

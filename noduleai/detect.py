@@ -95,7 +95,9 @@ class DetectionResult:
             "scan_probability": self.scan_probability,
             "decision_threshold": threshold,
             "decision_threshold_source": source,
-            "decision": "nodule suspected" if self.scan_probability >= threshold else "no nodule found",
+            # No candidate is never a finding, whatever the threshold (a working point may be 0).
+            "decision": "nodule suspected" if self.candidates and self.scan_probability >= threshold
+            else "no nodule found",
             "n_candidates": len(self.candidates),
             "n_candidates_at_or_above_threshold": sum(c.probability >= threshold for c in self.candidates),
             "candidates": [c.to_dict() for c in self.candidates],

@@ -200,6 +200,12 @@ class TwoStageDetector:
     def detect(self, ct: sitk.Image, progress: ProgressCallback | None = None) -> DetectionResult:
         """Detect on a CT in HU; ``progress(fraction)`` returning True cancels (nothing is left behind)."""
         self._progress = progress
+        try:  # the callback belongs to this run only (scored_proposals reports too, also when called alone)
+            return self._detect(ct)
+        finally:
+            self._progress = None
+
+    def _detect(self, ct: sitk.Image) -> DetectionResult:
         t0 = time.perf_counter()
         self._report(0.0)
         scored = self.scored_proposals(ct)

@@ -72,8 +72,8 @@ DETECTOR_LIMITS = [
     "partial volume and kernel follow the crop's scanner, not the host's.",
     "Probabilities are calibrated (temperature, bias and the candidate score's weight) on validation cohorts "
     "of hosts the model was trained on; on an unseen scanner they may be off. The operating threshold is a "
-    "working point chosen on those cohorts (at most one false positive per validation CT), not a diagnosis.",
-    "Not tested on: real slices thicker than 5 mm (8 mm only simulated from thinner ones), paediatric CT, "
+    "working point chosen on those cohorts (a false-positive budget per validation CT), not a diagnosis.",
+    "Not tested on: real slices thicker than 5 mm (thicker ones only simulated from thinner ones), paediatric CT, "
     "low-dose screening protocols, post-operative "
     "lungs, diffuse lung disease.",
 ]
@@ -104,14 +104,12 @@ def detector_card(detector, summary: dict, hosts: dict[str, str]) -> str:
             "sensitivity at 2 FP/scan | at the fold's operating threshold: sensitivity, FP/scan | real lesion "
             "on the original CT: rank, P | false positives on the original CT at the operating threshold "
             "(at P >= 0.5) |", "|---|---|---|---|---|---|---|"]
-    ranking_rows = ["| held-out host | candidate score alone | classifier alone | fused (shipped) |",
-                    "|---|---|---|---|"]
+    ranking_rows = ["| held-out host | " + " | ".join(RANKING_LABELS.values()) + " |", "|---|---|---|---|"]
     for name, fold in summary["folds"].items():
         stage = fold["candidate_stage"]
         froc = fold.get("froc")
         real = fold.get("original_ct", {}).get("real_lesions", [])
-        lesions = "; ".join(f"{r['diameter_mm']:.0f} mm: rank {r['rank']}, P {r['probability']:.2f}"
-                            if r["rank"] else f"{r['diameter_mm']:.0f} mm: missed" for r in real) or "none annotated"
+        lesions = _lesions(real, "none annotated")
         original = fold.get("original_ct", {})
         at_threshold = original.get("false_positives_at_operating_threshold", "n/a")
         rows.append(f"| {name} ({hosts.get(name, '?')}) | {_pct(stage['sensitivity'], stage.get('sensitivity_ci'))} "
@@ -120,8 +118,7 @@ def detector_card(detector, summary: dict, hosts: dict[str, str]) -> str:
                     + f"{_point(fold.get('operating_point'))} | {lesions} | "
                     f"{at_threshold} ({_pct_free(original.get('false_positives_at', {}))}) |")
         if fold.get("cpm_by_ranking"):
-            ranking_rows.append(f"| {name} | " + " | ".join(_cpm(fold["cpm_by_ranking"][way])
-                                                            for way in ("candidate_alone", "classifier_alone", "fused"))
+            ranking_rows.append(f"| {name} | " + " | ".join(_cpm(fold["cpm_by_ranking"][way]) for way in RANKING_LABELS)
                                 + " |")
     pooled, stage = summary.get("pooled"), summary["pooled_candidate_stage"]
     if pooled:
@@ -130,8 +127,7 @@ def detector_card(detector, summary: dict, hosts: dict[str, str]) -> str:
                     f"{_point(pooled.get('operating_point'))} | | |")
         if pooled.get("cpm_by_ranking"):
             ranking_rows.append("| **pooled** | " + " | ".join(
-                f"{pooled['cpm_by_ranking'][way]:.2f}" for way in ("candidate_alone", "classifier_alone", "fused"))
-                + " |")
+                f"{pooled['cpm_by_ranking'][way]:.2f}" for way in RANKING_LABELS) + " |")
     sizes = " / ".join(f"{b['size']}: {_pct(b['sensitivity'])} of {b['nodules']}" for b in stage["by_size"])
     return f"""# Model card: {info.name}
 
@@ -148,7 +144,8 @@ def detector_card(detector, summary: dict, hosts: dict[str, str]) -> str:
   {detector.candidate_weight:+.2f} logit(s) {detector.bias:+.2f}) (temperature, weight and bias fitted on
   validation cohorts); a proposal inside a better-ranked one is the same lesion and is not listed twice;
   operating threshold {_threshold(detector.operating_threshold)}, chosen on the validation cohorts as the lowest
-  P with at most one false positive per CT (the decision threshold of reports unless the user sets one); Grad-CAM
+  P at which they hold at most {info.metrics.get("calibration", {}).get("operating_fp_per_scan", "?")} false
+  positive(s) per CT on average (the decision threshold of reports unless the user sets one); Grad-CAM
   (`{info.cam_method}`, layer `{info.cam_layer}`) of each listed candidate, blended onto the CT grid.
 - Engine version: {info.engine_version}
 
@@ -175,7 +172,8 @@ same recipe trained on all four hosts.
 
 {chr(10).join(rows)}
 
-What each stage contributes (CPM of the same proposals of the held-out test cohorts, ranked three ways):
+What each stage contributes (CPM of the same proposals of the held-out test cohorts, ranked three ways, each
+ranking then listing one candidate per lesion):
 
 {chr(10).join(ranking_rows)}
 
@@ -190,6 +188,16 @@ Candidate stage by size (pooled): {sizes}.
 """
 
 
+RANKING_LABELS = {"candidate_alone": "candidate score alone", "classifier_alone": "classifier alone",
+                  "fused": "fused (shipped)"}  # the rankings of noduleai.recipe_v2.RANKINGS, in that order
+
+
+def _lesions(rows: list[dict], none: str) -> str:
+    """Real lesions of an original CT: size, then rank and P, or missed."""
+    return "; ".join(f"{r['diameter_mm']:.0f} mm: rank {r['rank']}, P {r['probability']:.2f}" if r["rank"]
+                     else f"{r['diameter_mm']:.0f} mm: missed" for r in rows) or none
+
+
 def _stress_section(stress: dict | None) -> str:
     """The thick-slice stress test: each fold's model on its own held-out host re-sliced thick."""
     if not stress:
@@ -199,8 +207,7 @@ def _stress_section(stress: dict | None) -> str:
     for host, by_thickness in stress.items():
         for thickness, m in by_thickness.items():
             real = m["original_ct"]["real_lesions"]
-            lesions = "; ".join(f"{r['diameter_mm']:.0f} mm: rank {r['rank']}, P {r['probability']:.2f}"
-                                if r["rank"] else f"{r['diameter_mm']:.0f} mm: missed" for r in real) or "none"
+            lesions = _lesions(real, "none")
             rows.append(f"| {host} | {float(thickness):g} mm (simulated) | {_cpm(m['froc'])} | "
                         f"{_point(m['operating_point'])} | {lesions} | "
                         f"{m['original_ct']['false_positives_at_operating_threshold']} |")

@@ -307,8 +307,7 @@ def measure_on_host(detector, test_cases: list, truths: list, original, reslice=
     (real lesions' rank and P, false positives). The same proposals are ranked three ways to show what
     each stage contributes: the candidate score alone, the classifier alone, the shipped fusion.
     ``reslice``: an acquisition change applied to every CT first (see :mod:`noduleai.acquisition`)."""
-    from noduleai.assessment import nodule_hit
-    from noduleai.evaluate import froc, hits, hits_any
+    from noduleai.evaluate import froc
     from noduleai.io import read_ct
 
     def scored(path):
@@ -324,23 +323,43 @@ def measure_on_host(detector, test_cases: list, truths: list, original, reslice=
                            ("fused", detector.probabilities(found))):
             rankings[way].append([(found.proposals[i][0], float(probs[i])) for i in detector.ranked(found, probs)])
     curves = {way: froc(found, truths, excluded) for way, found in rankings.items()}
-    curve, threshold = curves["fused"], detector.operating_threshold
-    listed, _kept, _probs = detector.listed(scored(original.image_path))
+    curve = curves["fused"]
+    return {
+        "froc": {"cpm": curve.cpm, "cpm_ci": curve.cpm_ci, "nodules": curve.n_nodules, "scans": curve.n_scans,
+                 "sensitivity_at": curve.sensitivity_at},
+        "cpm_by_ranking": {way: {"cpm": c.cpm, "cpm_ci": c.cpm_ci} for way, c in curves.items()},
+        "operating_point": operating_point(rankings["fused"], truths, excluded, detector.operating_threshold),
+        "detections": rankings["fused"], "detections_by_ranking": rankings, "excluded": excluded,
+        "original_ct": on_original_ct(detector, original, scored(original.image_path)),
+    }
+
+
+def on_original_ct(detector, original, scored) -> dict:
+    """A host's original CT as a reader sees its list: each real lesion's rank and P (findings excluded
+    from the reference are skipped), and the false positives at fixed thresholds and the working point."""
+    from noduleai.assessment import nodule_hit
+    from noduleai.evaluate import hits, hits_any
+
+    listed, _kept, _probs = detector.listed(scored)
     kept = [c for c in listed if not hits_any(c.position_lps, original.excluded)]
     real_rows = [nodule_hit(kept, n) | {"estimated_diameter_mm": next(
         (c.diameter_mm for c in kept if hits(c.position_lps, n.center_lps, n.diameter_mm)), None)}
         for n in original.nodules]
     false = [c.probability for c in kept if not hits_any(c.position_lps, original.nodules)]
-    return {
-        "froc": {"cpm": curve.cpm, "cpm_ci": curve.cpm_ci, "nodules": curve.n_nodules, "scans": curve.n_scans,
-                 "sensitivity_at": curve.sensitivity_at},
-        "cpm_by_ranking": {way: {"cpm": c.cpm, "cpm_ci": c.cpm_ci} for way, c in curves.items()},
-        "operating_point": operating_point(rankings["fused"], truths, excluded, threshold),
-        "detections": rankings["fused"], "detections_by_ranking": rankings, "excluded": excluded,
-        "original_ct": {"real_lesions": real_rows, "false_positives_at": {t: sum(p >= t for p in false)
-                                                                          for t in (0.5, 0.9)},
-                        "false_positives_at_operating_threshold": sum(p >= threshold for p in false)},
-    }
+    return {"real_lesions": real_rows, "false_positives_at": {t: sum(p >= t for p in false) for t in (0.5, 0.9)},
+            "false_positives_at_operating_threshold": sum(p >= detector.operating_threshold for p in false)}
+
+
+def reproduces(record: dict, again: dict, tolerance: float = 1e-3) -> bool:
+    """Does ``again`` (:func:`on_original_ct`) give ``record``'s real-lesion ranks, P (within ``tolerance``:
+    thread counts change float sums) and false-positive counts?"""
+    def same(a: dict, b: dict) -> bool:
+        return a["rank"] == b["rank"] and (a["rank"] is None or abs(a["probability"] - b["probability"]) <= tolerance)
+
+    return (len(record["real_lesions"]) == len(again["real_lesions"])
+            and all(same(a, b) for a, b in zip(record["real_lesions"], again["real_lesions"]))
+            and {float(k): v for k, v in record["false_positives_at"].items()}
+            == {float(k): v for k, v in again["false_positives_at"].items()})
 
 
 def pooled_operating_point(points: list[dict]) -> dict:
@@ -416,7 +435,8 @@ def leave_one_host_out(data_root: str | os.PathLike, work_dir: str | os.PathLike
         report["pooled"] = {"cpm": pooled.cpm, "cpm_ci": pooled.cpm_ci, "nodules": pooled.n_nodules,
                             "scans": pooled.n_scans, "sensitivity_at": pooled.sensitivity_at,
                             "sensitivity_at_ci": pooled.sensitivity_at_ci,
-                            "cpm_by_ranking": {way: pooled_froc(way).cpm for way in RANKINGS},
+                            "cpm_by_ranking": {way: pooled.cpm if way == "fused" else pooled_froc(way).cpm
+                                               for way in RANKINGS},
                             "operating_point": pooled_operating_point([f["operating_point"] for f in folds.values()])}
         report["classifier_config"] = classifier_config(epochs).to_dict()
     write_json_atomic(report, paths.report)
@@ -435,9 +455,8 @@ def fold_detector(paths: V2Paths, fold: dict):
     net, config, preprocess = load_candidate_net(paths.candidate_run(name) / "candidate_net.pt")
     classifier, info = load_model(paths.classifier_run(name) / BEST_MODEL)
     return TwoStageDetector(net, config, preprocess, classifier, info, fit["temperature"],
-                            max_candidates=CANDIDATE_LIMIT, bias=fit["bias"],
-                            candidate_weight=fit.get("candidate_weight", 0.0),
-                            operating_threshold=fit.get("operating_threshold"))
+                            max_candidates=CANDIDATE_LIMIT, bias=fit["bias"], candidate_weight=fit["candidate_weight"],
+                            operating_threshold=fit["operating_threshold"])
 
 
 def thick_slice_stress(paths: V2Paths, cohorts: dict, real: dict, folds: dict,
@@ -450,6 +469,7 @@ def thick_slice_stress(paths: V2Paths, cohorts: dict, real: dict, folds: dict,
 
     from noduleai.acquisition import SAMPLES_PER_SLAB, thick_slices
     from noduleai.files import content_key, read_keyed, write_json_atomic
+    from noduleai.io import read_ct
 
     say = print if progress else (lambda *a, **k: None)
     key = content_key([{h: f["key"] for h, f in folds.items()}, list(thicknesses_mm), SAMPLES_PER_SLAB])
@@ -462,6 +482,12 @@ def thick_slice_stress(paths: V2Paths, cohorts: dict, real: dict, folds: dict,
         if "calibration" not in fold:
             continue  # a candidates-only fold has no detector
         detector = fold_detector(paths, fold)
+        original = original_case(real[host])
+        if not reproduces(fold["original_ct"], on_original_ct(detector, original, detector.scored_proposals(
+                read_ct(original.image_path)))):
+            raise RuntimeError(f"fold {host}: its saved stages in {paths.root} no longer reproduce its recorded "
+                               "result on the original CT (rewritten by another run?); delete its fold record "
+                               "to measure it again")
         for thickness in thicknesses_mm:
             t = time.perf_counter()
             measured = measure_on_host(detector, cohorts[host]["test"], fold["truths"], original_case(real[host]),

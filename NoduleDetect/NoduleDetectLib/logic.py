@@ -152,7 +152,7 @@ class DetectionLogic:
         table = _reference(ct, TABLE_REF, "vtkMRMLTableNode", f"{name} NoduleAI candidates table")
         self._fill_table(table, result)
         for key, value in (("NoduleAI.scan_probability", f"{result.scan_probability:.6f}"),
-                           (THRESHOLD_ATTRIBUTE, f"{result.decision_threshold()[0]:.6f}"),
+                           (THRESHOLD_ATTRIBUTE, repr(result.decision_threshold()[0])),  # exact, as reports
                            ("NoduleAI.model", json.dumps(result.model)), ("NoduleAI.disclaimer", DISCLAIMER),
                            (CASE_ATTRIBUTE, name)):
             table.SetAttribute(key, value)
