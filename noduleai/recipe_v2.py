@@ -413,7 +413,10 @@ def leave_one_host_out(data_root: str | os.PathLike, work_dir: str | os.PathLike
         raise ValueError(f"held-out host(s) {sorted(unknown)} not among the hosts {list(cohorts)}")
     for host in held_out or list(cohorts):
         done = read_keyed(paths.fold_result(host), key)
-        if done is not None:
+        # The working point's budget is checked here rather than in the key, so that folds made before it
+        # became a setting are still recognised; a fold chosen at another budget is measured again.
+        if done is not None and (not with_classifier
+                                 or done["calibration"].get("operating_fp_per_scan") == OPERATING_FP_PER_SCAN):
             folds[host] = done
             continue
         folds[host] = run_fold(host, cohorts, real, paths, candidate_steps, epochs, progress,
@@ -427,9 +430,11 @@ def leave_one_host_out(data_root: str | os.PathLike, work_dir: str | os.PathLike
               "candidate_config": candidate_config(candidate_steps).to_dict()}
     if with_classifier:
         def pooled_froc(ranking: str):
-            return froc(*([x for f in folds.values() for x in xs] for xs in (
-                [f["detections_by_ranking"][ranking] for f in folds.values()],
-                [f["truths"] for f in folds.values()], [f["excluded"] for f in folds.values()])))
+            """Every fold's scans together (each scored by its own fold's model)."""
+            scans = [f["detections_by_ranking"][ranking] for f in folds.values()]
+            return froc(*([scan for per_fold in lists for scan in per_fold]
+                          for lists in (scans, [f["truths"] for f in folds.values()],
+                                        [f["excluded"] for f in folds.values()])))
 
         pooled = pooled_froc("fused")
         report["pooled"] = {"cpm": pooled.cpm, "cpm_ci": pooled.cpm_ci, "nodules": pooled.n_nodules,
