@@ -33,6 +33,7 @@ from noduleai.preprocess import PreprocessConfig, preprocess_ct
 
 CANDIDATE_FORMAT = "noduleai-candidate-net"
 CANDIDATE_FORMAT_VERSION = 1
+CANDIDATE_NET_FILE = "candidate_net.pt"  # in a training run's folder
 PRIOR = 0.01  # initial P(lesion) of every voxel
 
 
@@ -167,7 +168,7 @@ def train_candidate_net(cases: list[PreparedCase], config: CandidateNetConfig, p
     goes on from there to the same weights as an uninterrupted run."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "candidate_net.pt"
+    path = out / CANDIDATE_NET_FILE
     dev = pick_device(device)
     torch.manual_seed(config.seed)
     net = build_net(config).to(dev)

@@ -451,13 +451,13 @@ def leave_one_host_out(data_root: str | os.PathLike, work_dir: str | os.PathLike
 def fold_detector(paths: V2Paths, fold: dict):
     """A finished fold's detector, rebuilt from its saved stages: candidate network, best classifier, and
     the calibration and working point fitted on its validation cohorts."""
-    from noduleai.candidate_net import load_candidate_net
+    from noduleai.candidate_net import CANDIDATE_NET_FILE, load_candidate_net
     from noduleai.checkpoint import load_model
     from noduleai.detect_v2 import TwoStageDetector
     from noduleai.train import BEST_MODEL
 
     name, fit = fold["held_out"], fold["calibration"]
-    net, config, preprocess = load_candidate_net(paths.candidate_run(name) / "candidate_net.pt")
+    net, config, preprocess = load_candidate_net(paths.candidate_run(name) / CANDIDATE_NET_FILE)
     classifier, info = load_model(paths.classifier_run(name) / BEST_MODEL)
     return TwoStageDetector(net, config, preprocess, classifier, info, fit["temperature"],
                             max_candidates=CANDIDATE_LIMIT, bias=fit["bias"], candidate_weight=fit["candidate_weight"],
@@ -495,7 +495,7 @@ def thick_slice_stress(paths: V2Paths, cohorts: dict, real: dict, folds: dict,
                                "to measure it again")
         for thickness in thicknesses_mm:
             t = time.perf_counter()
-            measured = measure_on_host(detector, cohorts[host]["test"], fold["truths"], original_case(real[host]),
+            measured = measure_on_host(detector, cohorts[host]["test"], fold["truths"], original,
                                        reslice=partial(thick_slices, thickness_mm=thickness))
             results.setdefault(host, {})[str(thickness)] = {k: measured[k] for k in (
                 "froc", "cpm_by_ranking", "operating_point", "original_ct")}
