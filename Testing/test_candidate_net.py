@@ -19,6 +19,7 @@ from noduleai.candidate_net import (
     proposals_from_map,
     sample_batch,
     train_candidate_net,
+    widened_targets,
 )
 from noduleai.checkpoint import CheckpointError
 from noduleai.evaluate import candidate_stage, hits
@@ -125,6 +126,23 @@ def test_per_lesion_sampling_draws_small_nodules_as_often_as_masses():
     assert lesion_voxel(np.zeros((8, 8, 8), np.uint8), rng, "per_lesion") is None
     with pytest.raises(ValueError, match="per_pixel"):
         lesion_voxel(target, rng, "per_pixel")
+
+
+def test_small_lesions_train_as_a_ball_of_the_minimum_diameter():
+    target = np.zeros((30, 30, 30), np.uint8)
+    big = _ball(target.shape, (10, 10, 10), 5)
+    target[big] = 1
+    target[20, 21, 22] = 2  # a 3 mm nodule on a 2 mm grid: one voxel
+    target[20, 21, 23] = 3  # a neighbour inside the ball: never overwritten
+    reference = sitk.Image(30, 30, 30, sitk.sitkUInt8)
+    reference.SetSpacing((2.0, 2.0, 2.0))
+    case = PreparedCase("c", np.zeros(target.shape, np.float32), np.ones(target.shape, bool), target, reference)
+    widened = widened_targets(case, 6.0).target
+    assert np.array_equal(widened == 1, big)  # larger than 6 mm: as labelled
+    ball = _ball(target.shape, (20, 21, 22), 1.5)
+    ball[20, 21, 23] = False
+    assert np.array_equal(widened == 2, ball) and widened[20, 21, 23] == 3
+    assert widened_targets(case, 0.0) is case and np.array_equal(case.target, target)  # the input is untouched
 
 
 def test_training_resumes_to_the_same_weights_and_loads_weights_only(tmp_path):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from noduleai.candidate_net import load_candidate_net, probability_map, proposals_from_map, train_candidate_net
 from noduleai.evaluate import candidate_stage, hits_any
+from noduleai.files import content_key
 from noduleai.geometry import array_index_to_lps
 from noduleai.recipe_v2 import (
     CANDIDATE_LIMIT,
@@ -58,7 +59,8 @@ def main() -> None:
     parser.add_argument("--fold", default="lidc0001", help="the held-out host (never used here)")
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--variant", action="append", required=True,
-                        help="SAMPLING[:LOSS], e.g. per_lesion:dice_focal (CandidateNetConfig's lesion_sampling, loss)")
+                        help="SAMPLING[:LOSS[:MIN_TARGET_MM]], e.g. per_lesion:dice_focal:6 (CandidateNetConfig's "
+                             "lesion_sampling, loss, min_target_diameter_mm)")
     parser.add_argument("--threshold", type=float, action="append", help="map thresholds (default 0.05 and 0.01)")
     args = parser.parse_args()
     paths = V2Paths(Path(args.work))
@@ -69,8 +71,9 @@ def main() -> None:
     prepared_training, prepared_validation = prepare(training, paths), prepare(validation, paths)
     results = {}
     for variant in args.variant:
-        sampling, _, loss = variant.partition(":")
-        config = replace(candidate_config(args.steps), lesion_sampling=sampling, loss=loss or "dice_ce")
+        sampling, loss, widen = (variant.split(":") + ["", ""])[:3]
+        config = replace(candidate_config(args.steps), lesion_sampling=sampling, loss=loss or "dice_ce",
+                         min_target_diameter_mm=float(widen or 0.0))
         run = paths.root / "experiments" / f"fold-{args.fold}-{variant.replace(':', '-')}-{args.steps}"
         net, config, _ = load_candidate_net(train_candidate_net(prepared_training, config, CANDIDATE_PREPROCESS, run))
         results[variant] = measure(net, config, validation, prepared_validation, args.threshold or [0.05, 0.01])
@@ -78,7 +81,7 @@ def main() -> None:
             sizes = ", ".join(f"{b['size']} {_share(b['sensitivity'])} of {b['nodules']}" for b in stage["by_size"])
             print(f"{variant} (map >= {threshold}): {stage['sensitivity']:.2f} {stage.get('sensitivity_ci')} of "
                   f"{stage['nodules']} >= 5 mm; {sizes}; {stage['candidates_per_scan']:.1f} proposals/scan", flush=True)
-    out = paths.root / "experiments" / f"candidate_stage_fold-{args.fold}-{args.steps}.json"
+    out = paths.root / "experiments" / f"candidate_stage_{args.fold}_{args.steps}_{content_key(args.variant)[:8]}.json"
     out.write_text(json.dumps({"protocol": __doc__.splitlines()[2:6], "fold": args.fold, "steps": args.steps,
                                "training_cts": len(training), "validation_cts": len(validation),
                                "results": results}, indent=1))

@@ -55,6 +55,9 @@ class CandidateNetConfig:
     # often as an 8 mm nodule) or "per_lesion" (a lesion first, uniformly, then one of its voxels).
     # "per_voxel" is the default because checkpoints written before the setting existed were trained so.
     lesion_sampling: str = "per_voxel"
+    # Lesions smaller than this are trained as a ball of this diameter at their centre: on the 2 mm grid
+    # a 5 mm nodule's label (nearest neighbour from 3 mm slices) is 1-5 voxels. 0: as labelled.
+    min_target_diameter_mm: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -177,6 +180,31 @@ def lesion_voxel(target: np.ndarray, rng: np.random.Generator, sampling: str) ->
     return voxels[rng.integers(len(voxels))]
 
 
+def widened_targets(case: PreparedCase, min_diameter_mm: float) -> PreparedCase:
+    """``case`` with every lesion smaller than ``min_diameter_mm`` (volume-equivalent) also labelled as a
+    ball of that diameter at its centre (never over another lesion)."""
+    if min_diameter_mm <= 0 or not case.target.any():
+        return case
+    spacing = np.asarray(case.reference.GetSpacing()[::-1], float)
+    ball_voxels = np.pi / 6 * min_diameter_mm ** 3 / np.prod(spacing)
+    labels = np.unique(case.target[case.target > 0])
+    counts = ndimage.sum_labels(np.ones(case.target.shape), case.target, labels)
+    small = [int(k) for k, n in zip(labels, counts) if n < ball_voxels]
+    if not small:
+        return case
+    target = case.target.copy()
+    reach = np.ceil(min_diameter_mm / 2 / spacing).astype(int)
+    for label, centre in zip(small, ndimage.center_of_mass(case.target > 0, case.target, small)):
+        centre = np.asarray(centre)
+        lo = np.maximum(np.floor(centre).astype(int) - reach, 0)
+        hi = np.minimum(np.floor(centre).astype(int) + reach + 2, target.shape)
+        grid = np.stack(np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij"), -1)
+        ball = np.linalg.norm((grid - centre) * spacing, axis=-1) <= min_diameter_mm / 2
+        box = target[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        box[ball & (box == 0)] = label
+    return PreparedCase(case.case_id, case.volume, case.lung, target, case.reference)
+
+
 def train_candidate_net(cases: list[PreparedCase], config: CandidateNetConfig, preprocess: PreprocessConfig,
                         out_dir: str | os.PathLike, device: str = "auto", progress: bool = True,
                         save_every: int = 50, stop: Callable[[int], bool] | None = None) -> Path:
@@ -194,6 +222,7 @@ def train_candidate_net(cases: list[PreparedCase], config: CandidateNetConfig, p
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=1e-4)
     step = 0
     key = data_key(cases, config, preprocess)
+    cases = [widened_targets(c, config.min_target_diameter_mm) for c in cases]
     if path.exists():
         payload = safe_load(path, CANDIDATE_FORMAT)
         if payload.get("data_key") == key:
