@@ -288,6 +288,8 @@ def test_card_shows_every_held_out_host_with_its_own_numbers():
     assert _cpm_text(folds["lung1"]["froc"]) in stress_row and "14 mm: missed" in stress_row
     assert stress_row.endswith("| 4 |")
     assert "PROTOCOL TEXT" in card and "research use" in card.lower()
+    config = detector.candidate_config  # the card says how the shipped candidate network was trained
+    assert f"trained {config.steps} steps" in card and config.lesion_sampling.replace("_", " ") in card
     assert "no fold of its own in this build): totalseg" in card
     for name, acquisition in (("lidc0001", "GE 2.5 mm"), ("lung1", "5 mm")):
         row = next(line for line in card.splitlines() if line.startswith(f"| {name} ({acquisition}) |"))

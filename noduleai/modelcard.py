@@ -99,6 +99,8 @@ def _at(sensitivity_at: dict, fp: float):
 def detector_card(detector, summary: dict, hosts: dict[str, str]) -> str:
     """Markdown card of a two-stage detector (:class:`noduleai.detect_v2.TwoStageDetector`) with its
     leave-one-host-out ``summary`` (:func:`noduleai.recipe_v2.summarise_loho`) and the hosts' acquisitions."""
+    from noduleai.candidate_net import PEAK_PROMINENCE_LOG
+
     info = detector.info
     rows = ["| held-out host (acquisition) | candidate stage: nodules >= 5 mm within 50 | CPM (95 % CI) | "
             "sensitivity at 2 FP/scan | at the fold's operating threshold: sensitivity, FP/scan | real lesion "
@@ -136,8 +138,11 @@ def detector_card(detector, summary: dict, hosts: dict[str, str]) -> str:
 ## Model
 - Stage 1, candidates: MONAI BasicUNet, features {list(detector.candidate_config.features)}, on the shared
   preprocessing at {detector.candidate_preprocess.spacing_mm} mm (`{detector.candidate_preprocess.to_dict()}`),
-  sliding windows of {detector.candidate_config.roi}^3 with Gaussian blending over the lung region; peaks of its
-  lesion probability are the proposals (at most 50 per scan), each with a diameter from its region.
+  sliding windows of {detector.candidate_config.roi}^3 with Gaussian blending over the lung region; the peaks of
+  its lesion probability that stand out from any higher peak (dynamic >= {PEAK_PROMINENCE_LOG} in log P) are the
+  proposals (at most 50 per scan), each with a centre and diameter from its basin cut at half its height;
+  trained {detector.candidate_config.steps} steps, crops centred on lesions drawn
+  {detector.candidate_config.lesion_sampling.replace("_", " ")}, loss {detector.candidate_config.loss}.
 - Stage 2, decision and explanation: {info.arch} width x{info.width}, {info.input_size[0]}^3 patches on
   `{info.preprocess}`, trained on the candidate network's own false positives as negatives; its logit
   difference z fused with the candidate score s as P = sigmoid(z / {detector.temperature:.2f}
