@@ -59,6 +59,27 @@ def test_proposals_are_components_with_size_and_lung_contact():
     assert len(mass) == 1 and abs(mass[0].diameter_mm - 60.0) < 4.0
 
 
+def test_recipe_proposals_are_lps_points_at_the_threshold_and_limit_asked():
+    from noduleai.recipe_v2 import proposals_on_map
+
+    shape = (30, 30, 30)
+    prob = np.zeros(shape, np.float32)
+    prob[_ball(shape, (8, 8, 8), 2)] = 0.8
+    prob[_ball(shape, (20, 22, 18), 2)] = 0.03  # below the default threshold (0.05), above 0.01
+    reference = sitk.Image([30, 30, 30], sitk.sitkUInt8)  # (x, y, z) on a rotated, offset 2 mm grid
+    reference.SetSpacing((2.0, 2.0, 2.0))
+    reference.SetOrigin((-100.0, 50.0, -300.0))
+    reference.SetDirection((0, 1, 0, -1, 0, 0, 0, 0, 1))
+    case = PreparedCase("rotated", prob, np.ones(shape, bool), np.zeros(shape, np.uint8), reference)
+    default = proposals_on_map(prob, case)
+    assert len(default) == 1 and default[0][1] == pytest.approx(0.8)
+    assert np.allclose(default[0][0], reference.TransformIndexToPhysicalPoint((8, 8, 8)), atol=0.01)
+    low = proposals_on_map(prob, case, threshold=0.01)
+    assert len(low) == 2
+    assert np.allclose(low[1][0], reference.TransformIndexToPhysicalPoint((18, 22, 20)), atol=0.01)
+    assert proposals_on_map(prob, case, threshold=0.01, limit=1) == low[:1]
+
+
 def test_touching_lesions_are_two_proposals_each_on_its_own_lesion():
     # Two 12 mm nodules 18 mm apart whose blurred maps join at ~0.6 between them (as seen on a validation
     # CT): half-height regions merged them into one proposal midway, which hit neither.

@@ -1,11 +1,12 @@
 """Candidates from a fully convolutional network, trained the way it is used (issue 10, stage 1).
 
 A MONAI ``BasicUNet`` (narrow: CPU budget) segments lesions on the shared preprocessing's grid. It is
-trained on 64^3 crops of the v2 cohorts with per-voxel targets from their label maps (real lesions and
-pasted real crops), and used with ``sliding_window_inference`` and Gaussian blending over the whole
-lung region: the same network, the same grid, the same inputs. Candidates are the connected components
-of its probability map, with a size from the component. The v1 generator (inscribed-sphere blobs)
-capped sensitivity: 200 thickest blobs, nothing under ~7 mm on LIDC-IDRI-0001.
+trained on crops of the v2 cohorts (``CandidateNetConfig.patch``) with per-voxel targets from their label
+maps (real lesions and pasted real crops), and used with ``sliding_window_inference`` and Gaussian
+blending over the whole lung region: the same network, the same grid, the same inputs. Candidates are
+the map's peaks, one per lesion (basins of a watershed merged by peak dynamics, ``lesion_regions``), with
+a size from the lesion's region. The v1 generator (inscribed-sphere blobs) capped sensitivity: 200
+thickest blobs, nothing under ~7 mm on LIDC-IDRI-0001.
 """
 
 from __future__ import annotations
@@ -337,6 +338,8 @@ class Proposal:
 # by a quarter or more (x0.74). Bumps on a mass (0.8-0.9) fall by less; two nodules 18 mm apart whose
 # blurred maps join at 0.6 (seen on a validation CT: one proposal between them hit neither) fall by more.
 PEAK_PROMINENCE_LOG = 0.3
+# The lowest candidate-map peak proposed: on fold lidc0001's validation cohorts 0.01 added 3 proposals/CT, no hit.
+PROPOSAL_THRESHOLD = 0.05
 
 
 def _forward_neighbours(ndim: int) -> list[tuple[int, ...]]:
@@ -393,7 +396,8 @@ def lesion_regions(prob: np.ndarray, peaks: np.ndarray, support: np.ndarray,
     return names[basins], points[first]
 
 
-def proposals_from_map(prob: np.ndarray, lung: np.ndarray, spacing_zyx, threshold: float = 0.05,
+def proposals_from_map(prob: np.ndarray, lung: np.ndarray, spacing_zyx,
+                       threshold: float = PROPOSAL_THRESHOLD,
                        limit: int = 50, min_separation_mm: float = 8.0) -> list[Proposal]:
     """Peaks of ``prob`` whose lesion is centred in the lung region, best first, one per lesion.
 

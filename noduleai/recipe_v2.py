@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from noduleai.candidate_net import CandidateNetConfig
+from noduleai.candidate_net import PROPOSAL_THRESHOLD, CandidateNetConfig
 from noduleai.config import TrainConfig
 from noduleai.detect_v2 import PROPOSAL_LIMIT as CANDIDATE_LIMIT
 from noduleai.preprocess import PreprocessConfig
@@ -70,8 +70,9 @@ class V2Paths:
 
 
 def build_v2_cohorts(data_root: str | os.PathLike, paths: V2Paths, hosts: list[str] | None = None,
-                     progress: bool = True) -> tuple[dict, dict]:
-    """Every host's cohorts by crop part, and the real hosts (for their original CTs)."""
+                     progress: bool = True, sizes: dict[str, int] | None = None) -> tuple[dict, dict]:
+    """Every host's cohorts by crop part (``sizes``: CTs per part, default ``COHORT_SIZES``), and the real
+    hosts (for their original CTs)."""
     from noduleai.crops import read_crop_index, split_by_patient
     from noduleai.real_cohort import HOSTS, crops_folder, load_real_host, write_real_cohort
 
@@ -83,7 +84,8 @@ def build_v2_cohorts(data_root: str | os.PathLike, paths: V2Paths, hosts: list[s
         t = time.perf_counter()
         real[name] = load_real_host(data_root, name)
         cohorts[name] = {part: write_real_cohort(real[name], parts[part], crops_root, paths.cohort(name, part),
-                                                 COHORT_SIZES[part], seed=V2_SEED + 100 * k + j, prefix=part)
+                                                 (sizes or COHORT_SIZES)[part], seed=V2_SEED + 100 * k + j,
+                                                 prefix=part)
                          for j, part in enumerate(CROP_PARTS)}
         say(f"host {name}: cohorts ready ({time.perf_counter() - t:.0f} s)")
     return cohorts, real
@@ -98,24 +100,33 @@ def original_case(real) -> object:
                       list(real.reference), excluded=list(real.excluded))
 
 
-def prepare(cases, paths: V2Paths, with_labels: bool = True) -> list:
-    """Cases on the candidate grid (cached)."""
+def prepare(cases, paths: V2Paths, with_labels: bool = True,
+            preprocess: PreprocessConfig = CANDIDATE_PREPROCESS) -> list:
+    """Cases on the candidate grid (cached; another grid only in experiments)."""
     from noduleai.candidate_net import prepare_case
     from noduleai.real_cohort import label_path
 
-    return [prepare_case(c.image_path, label_path(c) if with_labels else None, CANDIDATE_PREPROCESS,
-                         paths.prepared, c.case_id) for c in cases]
+    return [prepare_case(c.image_path, label_path(c) if with_labels else None, preprocess, paths.prepared,
+                         c.case_id) for c in cases]
 
 
 def candidate_proposals(net, config, prepared) -> list:
     """LPS positions of the proposals of one prepared case, best first (with score and diameter)."""
-    from noduleai.candidate_net import probability_map, proposals_from_map
+    from noduleai.candidate_net import probability_map
+
+    return proposals_on_map(probability_map(net, prepared.volume, config), prepared)
+
+
+def proposals_on_map(prob: np.ndarray, prepared, threshold: float = PROPOSAL_THRESHOLD,
+                     limit: int = CANDIDATE_LIMIT) -> list:
+    """The proposals of a candidate map of one prepared case as (LPS, score, diameter), best first; threshold
+    and limit are parameters so that experiments can vary them without recomputing the map."""
+    from noduleai.candidate_net import proposals_from_map
     from noduleai.geometry import array_index_to_lps
 
-    prob = probability_map(net, prepared.volume, config)
     spacing = np.asarray(prepared.reference.GetSpacing()[::-1])
     return [(array_index_to_lps(prepared.reference, p.zyx), p.score, p.diameter_mm)
-            for p in proposals_from_map(prob, prepared.lung, spacing, limit=CANDIDATE_LIMIT)]
+            for p in proposals_from_map(prob, prepared.lung, spacing, threshold=threshold, limit=limit)]
 
 
 def classifier_config(epochs: int = 4) -> TrainConfig:
