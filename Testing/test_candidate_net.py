@@ -3,6 +3,8 @@ probability map, resumable training, weights-only checkpoints, the candidate-sta
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -11,7 +13,9 @@ from scipy import ndimage
 
 from noduleai.candidate_net import (
     CandidateNetConfig,
+    CentreFocalLoss,
     PreparedCase,
+    centre_heat,
     lesion_regions,
     lesion_voxel,
     load_candidate_net,
@@ -164,6 +168,43 @@ def test_small_lesions_train_as_a_ball_of_the_minimum_diameter():
     ball[20, 21, 23] = False
     assert np.array_equal(widened == 2, ball) and widened[20, 21, 23] == 3
     assert widened_targets(case, 0.0) is case and np.array_equal(case.target, target)  # the input is untouched
+
+
+def test_centre_heat_peaks_once_per_lesion_with_a_width_from_its_size():
+    shape = (40, 40, 40)
+    target = np.zeros(shape, np.uint8)
+    target[_ball(shape, (10, 10, 10), 6)] = 1  # ~25 mm at 2 mm
+    target[_ball(shape, (30, 30, 30), 1)] = 2  # 7 voxels: ~5 mm
+    reference = sitk.Image([40, 40, 40], sitk.sitkUInt8)
+    reference.SetSpacing((2.0, 2.0, 2.0))
+    heat = centre_heat(PreparedCase("two", np.zeros(shape, np.float32), np.ones(shape, bool), target, reference))
+    assert heat.dtype == np.float32 and heat.max() == 1.0
+    assert {tuple(p) for p in np.argwhere(heat == 1.0)} == {(10, 10, 10), (30, 30, 30)}
+    radius = (3 * target.__eq__(1).sum() / (4 * np.pi)) ** (1 / 3)  # voxels; sigma is half of it
+    assert heat[10, 10, 16] == pytest.approx(np.exp(-0.5 * (6 / (radius / 2)) ** 2), rel=1e-4)
+    assert heat[30, 30, 31] == pytest.approx(np.exp(-0.5), rel=1e-4)  # sigma never under a voxel
+    assert heat[20, 20, 20] < 1e-6 and heat[0, 39, 0] == 0.0  # cut at three sigmas
+    config = CandidateNetConfig(**{**TINY, "loss": "centre_focal"})
+    case = replace(_cases()[0], heat=centre_heat(_cases()[0]))
+    _x, y = sample_batch([case], config, 3)
+    assert y.dtype == np.float32 and 0.0 < y[y < 1].max() < 1.0  # soft targets, not the mask
+
+
+def test_centre_focal_loss_is_centernets_formula_normalised_by_peaks():
+    logits = torch.tensor([[2.0, -1.0, -3.0, 0.5], [-2.0, 1.0, -4.0, -0.5]])
+    target = torch.tensor([[1.0, 0.6, 0.0, 0.2], [0.0, 1.0, 0.1, 0.0]])
+    p = torch.sigmoid(logits)
+    peak = target == 1.0
+    by_hand = -(((1 - p) ** 2 * torch.log(p))[peak].sum()
+                + ((1 - target) ** 4 * p ** 2 * torch.log(1 - p))[~peak].sum()) / 2
+    loss = CentreFocalLoss()(logits, target)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    # Each lesion weighs the same: two copies of a scene give the same loss as one.
+    assert CentreFocalLoss()(logits.repeat(2, 1), target.repeat(2, 1)).item() == pytest.approx(loss.item(), rel=1e-5)
+    # A confident, right map costs far less than a flat one; stable at large logits.
+    right = torch.where(peak, 12.0, -12.0)
+    assert CentreFocalLoss()(right, target).item() < 1e-3 * loss.item()
+    assert torch.isfinite(CentreFocalLoss()(right * 10, target))
 
 
 def test_training_resumes_to_the_same_weights_and_loads_weights_only(tmp_path):

@@ -16,7 +16,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ CANDIDATE_FORMAT = "noduleai-candidate-net"
 CANDIDATE_FORMAT_VERSION = 1
 CANDIDATE_NET_FILE = "candidate_net.pt"  # in a training run's folder
 PRIOR = 0.01  # initial P(lesion) of every voxel
+CENTRE_LOSS = "centre_focal"  # the loss that trains on centre heat instead of lesion masks
 
 
 @dataclass
@@ -51,7 +52,10 @@ class CandidateNetConfig:
     seed: int = 2026
     roi: int = 96  # sliding window at inference
     overlap: float = 0.25
-    loss: str = "dice_ce"  # or "dice_focal"; see _loss
+    # "dice_ce" or "dice_focal" on the lesion masks, or "centre_focal": a Gaussian at each lesion's centre
+    # (CenterNet's penalty-reduced focal loss, each lesion weighing the same whatever its size; see
+    # centre_heat). With "centre_focal" the proposals' diameters measure the heat blob (~0.6x the lesion).
+    loss: str = "dice_ce"
     # Where a positive crop is centred: "per_voxel" (any lesion voxel: an 80 mm mass is drawn ~1000x as
     # often as an 8 mm nodule) or "per_lesion" (a lesion first, uniformly, then one of its voxels).
     # "per_voxel" is the default because checkpoints written before the setting existed were trained so.
@@ -86,6 +90,7 @@ class PreparedCase:
     lung: np.ndarray  # bool
     target: np.ndarray  # uint8: lesion label numbers
     reference: sitk.Image  # empty image with the grid's geometry
+    heat: np.ndarray | None = None  # float32 centre heat of the lesions, for the "centre_focal" loss only
 
 
 def prepare_case(image_path: str | os.PathLike, label_path: str | os.PathLike | None, config: PreprocessConfig,
@@ -155,7 +160,8 @@ def sample_batch(cases: list[PreparedCase], config: CandidateNetConfig, step: in
             centre = lung[rng.integers(len(lung))] if len(lung) else np.asarray(case.volume.shape) // 2
         start = np.asarray(centre) - size // 2
         x = _crop(case.volume, start, size, 0.0)
-        y = (_crop(case.target, start, size, 0) > 0).astype(np.float32)
+        y = _crop(case.heat, start, size, np.float32(0)) if config.loss == CENTRE_LOSS else \
+            (_crop(case.target, start, size, 0) > 0).astype(np.float32)
         for axis in range(3):
             if rng.random() < 0.5:
                 x, y = np.flip(x, axis), np.flip(y, axis)
@@ -206,6 +212,44 @@ def widened_targets(case: PreparedCase, min_diameter_mm: float) -> PreparedCase:
     return PreparedCase(case.case_id, case.volume, case.lung, target, case.reference)
 
 
+def centre_heat(case: PreparedCase) -> np.ndarray:
+    """The centre-heat target of ``case``: for each lesion a Gaussian at its centre of mass with sigma half
+    its volume-equivalent radius (at least one voxel), exactly 1 at the voxel nearest the centre; the
+    maximum where lesions overlap."""
+    heat = np.zeros(case.target.shape, np.float32)
+    labels = [int(k) for k in np.unique(case.target[case.target > 0])]
+    if not labels:
+        return heat
+    spacing = np.asarray(case.reference.GetSpacing()[::-1], float)
+    counts = ndimage.sum_labels(np.ones(case.target.shape), case.target, labels)
+    for count, centre in zip(counts, ndimage.center_of_mass(case.target > 0, case.target, labels)):
+        radius_mm = (3 * count * np.prod(spacing) / (4 * np.pi)) ** (1 / 3)
+        sigma = np.maximum(radius_mm / 2 / spacing, 1.0)  # voxels per axis
+        centre = np.asarray(centre)
+        lo = np.maximum(np.floor(centre - 3 * sigma).astype(int), 0)
+        hi = np.minimum(np.ceil(centre + 3 * sigma).astype(int) + 1, heat.shape)
+        grid = np.stack(np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij"), -1)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        heat[box] = np.maximum(heat[box], np.exp(-0.5 * (((grid - centre) / sigma) ** 2).sum(-1)))
+        heat[tuple(np.clip(np.round(centre).astype(int), 0, np.asarray(heat.shape) - 1))] = 1.0
+    return heat
+
+
+class CentreFocalLoss(torch.nn.Module):
+    """CenterNet's penalty-reduced focal loss (Zhou et al. 2019, eq. 1, alpha 2, beta 4) on logits: the
+    peak voxels (target 1) are the positives, every other voxel a negative down-weighted by (1 - target)^4
+    near a centre; the sum is divided by the number of peaks, so each lesion weighs the same. MONAI has no
+    such loss (its FocalLoss has no penalty reduction), hence ours."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(logits)
+        log_p, log_not_p = torch.nn.functional.logsigmoid(logits), torch.nn.functional.logsigmoid(-logits)
+        peak = target >= 1.0
+        positive = ((1 - p) ** 2 * log_p)[peak].sum()
+        negative = ((1 - target) ** 4 * p ** 2 * log_not_p)[~peak].sum()
+        return -(positive + negative) / peak.sum().clamp(min=1)
+
+
 def train_candidate_net(cases: list[PreparedCase], config: CandidateNetConfig, preprocess: PreprocessConfig,
                         out_dir: str | os.PathLike, device: str = "auto", progress: bool = True,
                         save_every: int = 50, stop: Callable[[int], bool] | None = None) -> Path:
@@ -224,6 +268,8 @@ def train_candidate_net(cases: list[PreparedCase], config: CandidateNetConfig, p
     step = 0
     key = data_key(cases, config, preprocess)
     cases = [widened_targets(c, config.min_target_diameter_mm) for c in cases]
+    if config.loss == CENTRE_LOSS:
+        cases = [replace(c, heat=centre_heat(c)) for c in cases]
     if path.exists():
         payload = safe_load(path, CANDIDATE_FORMAT)
         if payload.get("data_key") == key:
@@ -279,7 +325,9 @@ def _loss(name: str) -> torch.nn.Module:
         return DiceCELoss(sigmoid=True, batch=True)
     if name == "dice_focal":
         return DiceFocalLoss(sigmoid=True, batch=True, gamma=2.0, lambda_focal=10.0)
-    raise ValueError(f"candidate loss must be dice_ce or dice_focal, not {name!r}")
+    if name == CENTRE_LOSS:
+        return CentreFocalLoss()
+    raise ValueError(f"candidate loss must be dice_ce, dice_focal or {CENTRE_LOSS}, not {name!r}")
 
 
 def _save(path: Path, net, optimiser, step: int, config: CandidateNetConfig, preprocess: PreprocessConfig,
