@@ -2,11 +2,11 @@
 
 A MONAI ``BasicUNet`` (narrow: CPU budget) segments lesions on the shared preprocessing's grid. It is
 trained on crops of the v2 cohorts (``CandidateNetConfig.patch``) with per-voxel targets from their label
-maps (real lesions and pasted real crops), and used with ``sliding_window_inference`` and Gaussian
-blending over the whole lung region: the same network, the same grid, the same inputs. Candidates are
-the map's peaks, one per lesion (basins of a watershed merged by peak dynamics, ``lesion_regions``), with
-a size from the lesion's region. The v1 generator (inscribed-sphere blobs) capped sensitivity: 200
-thickest blobs, nothing under ~7 mm on LIDC-IDRI-0001.
+maps (real lesions and pasted real crops), or a heat peak at each lesion's centre (``centre_heat``), and
+used with ``sliding_window_inference`` and Gaussian blending over the whole lung region: the same network,
+the same grid, the same inputs. Candidates are the map's peaks, one per lesion (basins of a watershed
+merged by peak dynamics, ``lesion_regions``), with a size from the lesion's region. The v1 generator
+(inscribed-sphere blobs) capped sensitivity: 200 thickest blobs, nothing under ~7 mm on LIDC-IDRI-0001.
 """
 
 from __future__ import annotations
