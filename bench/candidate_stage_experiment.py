@@ -22,7 +22,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from noduleai.candidate_net import load_candidate_net, probability_map, train_candidate_net
+from noduleai.candidate_net import PROPOSAL_THRESHOLD, load_candidate_net, probability_map, train_candidate_net
 from noduleai.evaluate import candidate_stage, hits_any
 from noduleai.files import content_key
 from noduleai.recipe_v2 import (
@@ -89,12 +89,13 @@ def main() -> None:
                          min_target_diameter_mm=float(widen or 0.0))
         run = paths.root / "experiments" / f"fold-{args.fold}-{variant.replace(':', '-')}-{args.steps}{grid_name}"
         net, config, _ = load_candidate_net(train_candidate_net(prepared_training, config, grid, run))
-        results[variant] = measure(net, config, validation, prepared_validation, args.threshold or [0.05, 0.01],
-                                   args.limit or [CANDIDATE_LIMIT])
+        results[variant] = measure(net, config, validation, prepared_validation,
+                                   args.threshold or [PROPOSAL_THRESHOLD, 0.01], args.limit or [CANDIDATE_LIMIT])
         for threshold, stage in results[variant].items():
-            sizes = ", ".join(f"{b['size']} {_share(b['sensitivity'])} of {b['nodules']}" for b in stage["by_size"])
+            by_size = ", ".join(f"{b['size']} {_share(b['sensitivity'])} of {b['nodules']}" for b in stage["by_size"])
             print(f"{variant} (map >= {threshold}): {stage['sensitivity']:.2f} {stage.get('sensitivity_ci')} of "
-                  f"{stage['nodules']} >= 5 mm; {sizes}; {stage['candidates_per_scan']:.1f} proposals/scan", flush=True)
+                  f"{stage['nodules']} >= 5 mm; {by_size}; {stage['candidates_per_scan']:.1f} proposals/scan",
+                  flush=True)
     out = paths.root / "experiments" / (f"candidate_stage_{args.fold}_{args.steps}{grid_name}_"
                                         f"{content_key([args.variant, args.threshold, args.limit])[:8]}.json")
     out.write_text(json.dumps({"protocol": __doc__.splitlines()[2:6], "fold": args.fold, "steps": args.steps,
