@@ -22,6 +22,7 @@ from noduleai.candidate_net import (
     probability_map,
     proposals_from_map,
     sample_batch,
+    size_fraction,
     train_candidate_net,
     widened_targets,
 )
@@ -75,13 +76,13 @@ def test_recipe_proposals_are_lps_points_at_the_threshold_and_limit_asked():
     reference.SetOrigin((-100.0, 50.0, -300.0))
     reference.SetDirection((0, 1, 0, -1, 0, 0, 0, 0, 1))
     case = PreparedCase("rotated", prob, np.ones(shape, bool), np.zeros(shape, np.uint8), reference)
-    default = proposals_on_map(prob, case)
+    default = proposals_on_map(prob, case, CandidateNetConfig())
     assert len(default) == 1 and default[0][1] == pytest.approx(0.8)
     assert np.allclose(default[0][0], reference.TransformIndexToPhysicalPoint((8, 8, 8)), atol=0.01)
-    low = proposals_on_map(prob, case, threshold=0.01)
+    low = proposals_on_map(prob, case, CandidateNetConfig(), threshold=0.01)
     assert len(low) == 2
     assert np.allclose(low[1][0], reference.TransformIndexToPhysicalPoint((18, 22, 20)), atol=0.01)
-    assert proposals_on_map(prob, case, threshold=0.01, limit=1) == low[:1]
+    assert proposals_on_map(prob, case, CandidateNetConfig(), threshold=0.01, limit=1) == low[:1]
 
 
 def test_touching_lesions_are_two_proposals_each_on_its_own_lesion():
@@ -188,6 +189,25 @@ def test_centre_heat_peaks_once_per_lesion_with_a_width_from_its_size():
     case = replace(_cases()[0], heat=centre_heat(_cases()[0]))
     _x, y = sample_batch([case], config, 3)
     assert y.dtype == np.float32 and 0.0 < y[y < 1].max() < 1.0  # soft targets, not the mask
+
+
+def test_a_centre_heat_map_gives_its_lesion_size_back():
+    # A network that learnt its centre-heat target exactly must be given the lesion's size: its half-height
+    # region is only ~0.59x the lesion (the first v2 centre-heat proposals reported 25 mm nodules as ~15 mm).
+    shape = (48, 48, 48)
+    target = np.zeros(shape, np.uint8)
+    target[_ball(shape, (24, 24, 24), 8)] = 1  # ~33 mm at 2 mm
+    reference = sitk.Image([48, 48, 48], sitk.sitkUInt8)
+    reference.SetSpacing((2.0, 2.0, 2.0))
+    case = PreparedCase("one", np.zeros(shape, np.float32), np.ones(shape, bool), target, reference)
+    lesion = 2 * (3 * target.sum() * 8 / (4 * np.pi)) ** (1 / 3)
+    heat = centre_heat(case)
+    centre = CandidateNetConfig(loss="centre_focal")
+    sized = proposals_from_map(heat, case.lung, (2.0, 2.0, 2.0), edge=size_fraction(centre))
+    assert len(sized) == 1 and sized[0].diameter_mm == pytest.approx(lesion, rel=0.1)
+    half = proposals_from_map(heat, case.lung, (2.0, 2.0, 2.0), edge=size_fraction(CandidateNetConfig()))
+    assert half[0].diameter_mm == pytest.approx(np.sqrt(2 * np.log(2)) / 2 * lesion, rel=0.1)
+    assert half[0].zyx == sized[0].zyx  # the centre is the half-height part's either way
 
 
 def test_centre_focal_loss_is_centernets_formula_normalised_by_peaks():

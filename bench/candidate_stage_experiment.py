@@ -42,7 +42,7 @@ def measure(net, config, cases, prepared, thresholds, limits) -> dict:
     maps = [probability_map(net, p.volume, config) for p in prepared]
     out = {}
     for threshold in thresholds:
-        proposals = [[lps for lps, _score, _d in proposals_on_map(prob, p, threshold, max(limits))
+        proposals = [[lps for lps, _score, _d in proposals_on_map(prob, p, config, threshold, max(limits))
                       if not hits_any(lps, case.excluded)] for case, p, prob in zip(cases, prepared, maps)]
         for limit in limits:
             out[f"{threshold}" if limit == CANDIDATE_LIMIT else f"{threshold} first {limit}"] = \

@@ -24,7 +24,13 @@ import torch
 from noduleai import __version__
 from noduleai.calibration import calibrated
 from noduleai.cam import blended_candidate_cams, cam_to_ct
-from noduleai.candidate_net import CandidateNetConfig, candidate_net_from_payload, probability_map, proposals_from_map
+from noduleai.candidate_net import (
+    CandidateNetConfig,
+    candidate_net_from_payload,
+    probability_map,
+    proposals_from_map,
+    size_fraction,
+)
 from noduleai.checkpoint import FORMAT_VERSION as MODEL_FORMAT_VERSION
 from noduleai.checkpoint import MODEL_FORMAT, CheckpointError, ModelInfo, model_from_payload, safe_load
 from noduleai.detect import (
@@ -130,7 +136,8 @@ class TwoStageDetector:
         self._report(0.1)
         prob = probability_map(self.candidate_net, pre.array, self.candidate_config)
         spacing = np.asarray(pre.image.GetSpacing()[::-1])
-        found = proposals_from_map(prob, pre.mask_array, spacing, limit=PROPOSAL_LIMIT)
+        found = proposals_from_map(prob, pre.mask_array, spacing, limit=PROPOSAL_LIMIT,
+                                   edge=size_fraction(self.candidate_config))
         shown = np.where(prob >= MAP_FLOOR, prob, 0.0).astype(np.float32)
         return ([(array_index_to_lps(pre.image, p.zyx), p.score, p.diameter_mm) for p in found],
                 image_from_array(shown, pre.image), pre.lung_found)

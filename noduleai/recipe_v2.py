@@ -39,7 +39,8 @@ RANKINGS = ("candidate_alone", "classifier_alone", "fused")  # what each stage c
 
 def candidate_config(steps: int = 500) -> CandidateNetConfig:
     """48^3 crops (96 mm at 2 mm), batch 4: ~1 s a step on 2 CPU cores (64^3: ~2.7 s)."""
-    return CandidateNetConfig(patch=48, batch_size=4, steps=steps, seed=V2_SEED)
+    return CandidateNetConfig(patch=48, batch_size=4, steps=steps, seed=V2_SEED, lesion_sampling="per_lesion",
+                              loss="centre_focal")
 
 
 @dataclass
@@ -114,19 +115,21 @@ def candidate_proposals(net, config, prepared) -> list:
     """LPS positions of the proposals of one prepared case, best first (with score and diameter)."""
     from noduleai.candidate_net import probability_map
 
-    return proposals_on_map(probability_map(net, prepared.volume, config), prepared)
+    return proposals_on_map(probability_map(net, prepared.volume, config), prepared, config)
 
 
-def proposals_on_map(prob: np.ndarray, prepared, threshold: float = PROPOSAL_THRESHOLD,
+def proposals_on_map(prob: np.ndarray, prepared, config, threshold: float = PROPOSAL_THRESHOLD,
                      limit: int = CANDIDATE_LIMIT) -> list:
-    """The proposals of a candidate map of one prepared case as (LPS, score, diameter), best first; threshold
-    and limit are parameters so that experiments can vary them without recomputing the map."""
-    from noduleai.candidate_net import proposals_from_map
+    """The proposals of one prepared case's candidate map (from a network of ``config``) as (LPS, score,
+    diameter), best first; threshold and limit are parameters so that experiments can vary them without
+    recomputing the map."""
+    from noduleai.candidate_net import proposals_from_map, size_fraction
     from noduleai.geometry import array_index_to_lps
 
     spacing = np.asarray(prepared.reference.GetSpacing()[::-1])
     return [(array_index_to_lps(prepared.reference, p.zyx), p.score, p.diameter_mm)
-            for p in proposals_from_map(prob, prepared.lung, spacing, threshold=threshold, limit=limit)]
+            for p in proposals_from_map(prob, prepared.lung, spacing, threshold=threshold, limit=limit,
+                                        edge=size_fraction(config))]
 
 
 def classifier_config(epochs: int = 4) -> TrainConfig:
