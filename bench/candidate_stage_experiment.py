@@ -22,11 +22,16 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from noduleai.candidate_net import PROPOSAL_THRESHOLD, load_candidate_net, probability_map, train_candidate_net
+from noduleai.candidate_net import (
+    PROPOSAL_LIMIT,
+    PROPOSAL_THRESHOLD,
+    load_candidate_net,
+    probability_map,
+    train_candidate_net,
+)
 from noduleai.evaluate import candidate_stage, hits_any
 from noduleai.files import content_key
 from noduleai.recipe_v2 import (
-    CANDIDATE_LIMIT,
     CANDIDATE_PREPROCESS,
     COHORT_SIZES,
     V2Paths,
@@ -45,7 +50,7 @@ def measure(net, config, cases, prepared, thresholds, limits) -> dict:
         proposals = [[lps for lps, _score, _d in proposals_on_map(prob, p, config, threshold, max(limits))
                       if not hits_any(lps, case.excluded)] for case, p, prob in zip(cases, prepared, maps)]
         for limit in limits:
-            out[f"{threshold}" if limit == CANDIDATE_LIMIT else f"{threshold} first {limit}"] = \
+            out[f"{threshold}" if limit == PROPOSAL_LIMIT else f"{threshold} first {limit}"] = \
                 candidate_stage(proposals, truths, limit)
     return out
 
@@ -68,7 +73,7 @@ def main() -> None:
                              "--work, the cohort folders are per host and part)")
     parser.add_argument("--spacing", type=float, help="candidate grid in mm (default: the recipe's)")
     parser.add_argument("--limit", type=int, action="append",
-                        help=f"proposals per scan counted (default {CANDIDATE_LIMIT}, the recipe's)")
+                        help=f"proposals per scan counted (default {PROPOSAL_LIMIT}, the recipe's)")
     parser.add_argument("--threshold", type=float, action="append", help="map thresholds (default 0.05 and 0.01)")
     args = parser.parse_args()
     paths = V2Paths(Path(args.work))
@@ -90,7 +95,7 @@ def main() -> None:
         run = paths.root / "experiments" / f"fold-{args.fold}-{variant.replace(':', '-')}-{args.steps}{grid_name}"
         net, config, _ = load_candidate_net(train_candidate_net(prepared_training, config, grid, run))
         results[variant] = measure(net, config, validation, prepared_validation,
-                                   args.threshold or [PROPOSAL_THRESHOLD, 0.01], args.limit or [CANDIDATE_LIMIT])
+                                   args.threshold or [PROPOSAL_THRESHOLD, 0.01], args.limit or [PROPOSAL_LIMIT])
         for threshold, stage in results[variant].items():
             by_size = ", ".join(f"{b['size']} {_share(b['sensitivity'])} of {b['nodules']}" for b in stage["by_size"])
             print(f"{variant} (map >= {threshold}): {stage['sensitivity']:.2f} {stage.get('sensitivity_ci')} of "

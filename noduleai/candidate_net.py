@@ -397,6 +397,8 @@ class Proposal:
 PEAK_PROMINENCE_LOG = 0.3
 # The lowest candidate-map peak proposed: on fold lidc0001's validation cohorts 0.01 added 3 proposals/CT, no hit.
 PROPOSAL_THRESHOLD = 0.05
+# Proposals per scan: the candidate stage's budget (the issue measures it "within 50 candidates per scan").
+PROPOSAL_LIMIT = 50
 
 
 def _forward_neighbours(ndim: int) -> list[tuple[int, ...]]:
@@ -454,8 +456,8 @@ def lesion_regions(prob: np.ndarray, peaks: np.ndarray, support: np.ndarray,
 
 
 def proposals_from_map(prob: np.ndarray, lung: np.ndarray, spacing_zyx,
-                       threshold: float = PROPOSAL_THRESHOLD,
-                       limit: int = 50, min_separation_mm: float = 8.0, edge: float = 0.5) -> list[Proposal]:
+                       threshold: float = PROPOSAL_THRESHOLD, limit: int = PROPOSAL_LIMIT,
+                       min_separation_mm: float = 8.0, edge: float = 0.5) -> list[Proposal]:
     """Peaks of ``prob`` whose lesion is centred in the lung region, best first, one per lesion.
 
     Peaks are the local maxima (3-voxel neighbourhood) at or above ``threshold`` in the lung region,

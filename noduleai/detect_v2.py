@@ -48,7 +48,6 @@ from noduleai.models import ResNet3D, pick_device
 from noduleai.patches import extract_patch
 from noduleai.preprocess import PreprocessConfig, PreprocessedCT, lung_mask, preprocess_ct, same_lung_region
 
-PROPOSAL_LIMIT = 50
 # The candidate map as written and shown: values under 1 % are background (proposals start at 5 %). Without
 # the floor the map's faint noise made the written NRRD incompressible: LIDC-IDRI-0001, 46 MB in 0.74 s;
 # with it 4.8 MB in 0.11 s (measured on this machine).
@@ -136,8 +135,7 @@ class TwoStageDetector:
         self._report(0.1)
         prob = probability_map(self.candidate_net, pre.array, self.candidate_config)
         spacing = np.asarray(pre.image.GetSpacing()[::-1])
-        found = proposals_from_map(prob, pre.mask_array, spacing, limit=PROPOSAL_LIMIT,
-                                   edge=size_fraction(self.candidate_config))
+        found = proposals_from_map(prob, pre.mask_array, spacing, edge=size_fraction(self.candidate_config))
         shown = np.where(prob >= MAP_FLOOR, prob, 0.0).astype(np.float32)
         return ([(array_index_to_lps(pre.image, p.zyx), p.score, p.diameter_mm) for p in found],
                 image_from_array(shown, pre.image), pre.lung_found)

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from noduleai.candidate_net import PROPOSAL_THRESHOLD, CandidateNetConfig
+from noduleai.candidate_net import PROPOSAL_LIMIT, PROPOSAL_THRESHOLD, CandidateNetConfig
 from noduleai.config import TrainConfig
-from noduleai.detect_v2 import PROPOSAL_LIMIT as CANDIDATE_LIMIT
 from noduleai.preprocess import PreprocessConfig
 
 V2_SEED = 2026
@@ -119,7 +118,7 @@ def candidate_proposals(net, config, prepared) -> list:
 
 
 def proposals_on_map(prob: np.ndarray, prepared, config, threshold: float = PROPOSAL_THRESHOLD,
-                     limit: int = CANDIDATE_LIMIT) -> list:
+                     limit: int = PROPOSAL_LIMIT) -> list:
     """The proposals of one prepared case's candidate map (from a network of ``config``) as (LPS, score,
     diameter), best first; threshold and limit are parameters so that experiments can vary them without
     recomputing the map."""
@@ -179,7 +178,7 @@ def _mined_once(name: str, net, config, cases, entries, paths: V2Paths) -> dict:
     cohorts = sorted({str(Path(c.image_path).parent / KEY_FILE) for c in cases})
     digest = hashlib.sha256(json.dumps([[c.case_id for c in cases], [Path(k).read_text() for k in cohorts],
                                         config.to_dict(), CANDIDATE_PREPROCESS.to_dict(),
-                                        CLASSIFIER_PREPROCESS.to_dict(), CANDIDATE_LIMIT]).encode())
+                                        CLASSIFIER_PREPROCESS.to_dict(), PROPOSAL_LIMIT]).encode())
     for value in net.state_dict().values():
         digest.update(value.detach().cpu().numpy().tobytes())
     key, path = digest.hexdigest(), paths.root / "mined" / f"{name}.json"
@@ -270,7 +269,7 @@ def train_classifier_stage(name: str, net, config, training: list, validation: l
     result = train(entries, classifier_config(epochs), CLASSIFIER_PREPROCESS, run, progress=progress,
                    hard_negatives=mined, parts=parts)
     classifier, info = load_model(result.best_model)
-    detector = TwoStageDetector(net, config, CANDIDATE_PREPROCESS, classifier, info, max_candidates=CANDIDATE_LIMIT)
+    detector = TwoStageDetector(net, config, CANDIDATE_PREPROCESS, classifier, info, max_candidates=PROPOSAL_LIMIT)
     calibration = fit_fold_calibration(detector, validation)
     return detector, result, calibration
 
@@ -294,8 +293,8 @@ def run_fold(held_out: str, cohorts: dict, real: dict, paths: V2Paths, candidate
         found = candidate_proposals(net, config, prepared)
         proposals.append([p for p, _s, _d in found if not hits_any(p, case.excluded)])
         truths.append([(n.center_lps, n.diameter_mm) for n in case.nodules])
-    stage1 = {"proposals": proposals, "inserted": candidate_stage(proposals, truths, CANDIDATE_LIMIT),
-              "inserted_all_sizes": candidate_stage(proposals, truths, CANDIDATE_LIMIT, min_diameter_mm=0.0)}
+    stage1 = {"proposals": proposals, "inserted": candidate_stage(proposals, truths, PROPOSAL_LIMIT),
+              "inserted_all_sizes": candidate_stage(proposals, truths, PROPOSAL_LIMIT, min_diameter_mm=0.0)}
     original = original_case(real[held_out])
     found = candidate_proposals(net, config, prepare([original], paths, with_labels=False)[0])
     found = [f for f in found if not hits_any(f[0], original.excluded)]
@@ -440,7 +439,7 @@ def leave_one_host_out(data_root: str | os.PathLike, work_dir: str | os.PathLike
     report = {"protocol": __doc__.split("Protocol: ")[1].strip(), "folds": folds,
               "not_held_out": [h for h in cohorts if h not in folds],
               "pooled_candidate_stage": candidate_stage(
-                  [p for f in folds.values() for p in f["candidate_stage"]["proposals"]], truths, CANDIDATE_LIMIT),
+                  [p for f in folds.values() for p in f["candidate_stage"]["proposals"]], truths, PROPOSAL_LIMIT),
               "candidate_config": candidate_config(candidate_steps).to_dict()}
     if with_classifier:
         def pooled_froc(ranking: str):
@@ -474,7 +473,7 @@ def fold_detector(paths: V2Paths, fold: dict):
     net, config, preprocess = load_candidate_net(paths.candidate_run(name) / CANDIDATE_NET_FILE)
     classifier, info = load_model(paths.classifier_run(name) / BEST_MODEL)
     return TwoStageDetector(net, config, preprocess, classifier, info, fit["temperature"],
-                            max_candidates=CANDIDATE_LIMIT, bias=fit["bias"], candidate_weight=fit["candidate_weight"],
+                            max_candidates=PROPOSAL_LIMIT, bias=fit["bias"], candidate_weight=fit["candidate_weight"],
                             operating_threshold=fit["operating_threshold"])
 
 
