@@ -96,10 +96,15 @@ def _at(sensitivity_at: dict, fp: float):
     return next((v for k, v in sensitivity_at.items() if float(k) == fp), None)
 
 
+# What a candidate network was trained to output, by loss (the card says it in words).
+_TARGETS = {"centre_focal": "a Gaussian at each lesion's centre, sigma half its equivalent radius; CenterNet's "
+                            "penalty-reduced focal loss, so that every lesion weighs the same"}
+
+
 def detector_card(detector, summary: dict, hosts: dict[str, str]) -> str:
     """Markdown card of a two-stage detector (:class:`noduleai.detect_v2.TwoStageDetector`) with its
     leave-one-host-out ``summary`` (:func:`noduleai.recipe_v2.summarise_loho`) and the hosts' acquisitions."""
-    from noduleai.candidate_net import PEAK_PROMINENCE_LOG
+    from noduleai.candidate_net import PEAK_PROMINENCE_LOG, PROPOSAL_LIMIT, size_fraction
 
     info = detector.info
     rows = ["| held-out host (acquisition) | candidate stage: nodules >= 5 mm within 50 | CPM (95 % CI) | "
@@ -140,9 +145,11 @@ def detector_card(detector, summary: dict, hosts: dict[str, str]) -> str:
   preprocessing at {detector.candidate_preprocess.spacing_mm} mm (`{detector.candidate_preprocess.to_dict()}`),
   sliding windows of {detector.candidate_config.roi}^3 with Gaussian blending over the lung region; the peaks of
   its lesion probability that stand out from any higher peak (dynamic >= {PEAK_PROMINENCE_LOG} in log P) are the
-  proposals (at most 50 per scan), each with a centre and diameter from its basin cut at half its height;
-  trained {detector.candidate_config.steps} steps, crops centred on lesions drawn
-  {detector.candidate_config.lesion_sampling.replace("_", " ")}, loss {detector.candidate_config.loss}.
+  proposals (at most {PROPOSAL_LIMIT} per scan), each centred on its basin cut at half its height, its
+  diameter from the basin cut at {size_fraction(detector.candidate_config):.2f} of its height (where the training
+  target puts the lesion's edge); trained {detector.candidate_config.steps} steps, crops centred on lesions
+  drawn {detector.candidate_config.lesion_sampling.replace("_", " ")}, loss {detector.candidate_config.loss}
+  (targets: {_TARGETS.get(detector.candidate_config.loss, "the lesion masks")}).
 - Stage 2, decision and explanation: {info.arch} width x{info.width}, {info.input_size[0]}^3 patches on
   `{info.preprocess}`, trained on the candidate network's own false positives as negatives; its logit
   difference z fused with the candidate score s as P = sigmoid(z / {detector.temperature:.2f}
