@@ -266,8 +266,10 @@ def test_red_slice_picture_of_the_real_lidc_nodule_shows_its_heat(processed, lid
     chroma = rgb.max(-1) - rgb.min(-1)  # the grey CT has no chroma at all
     coloured = chroma > 20
     near = int(np.ceil(LIDC_0001_NODULE_RADIUS_MM / 2 / pixel_mm))
-    # Strong heat colour on the nodule's central disc, as on the phantom above. How much of the disc is
-    # coloured depends on the model's Grad-CAM spread (the previous bundled model: over half; the
-    # rebuild of 2026-12-07: a fifth, its peak still inside the nodule, test_slicer_detect's peak test).
-    assert chroma[y - near:y + near + 1, x - near:x + near + 1].max() > 60, "heat colours on the nodule"
+    # Heat colour on the nodule's central disc, as on the phantom above. A candidate's heat is its CAM
+    # scaled by its probability (cam.blended_candidate_cams), so the colour's strength follows the model:
+    # P 0.96-0.99 gave chroma > 60; the centre-heat rebuild of 2026-12-07 scores this nodule P 0.42 and
+    # colours the disc at chroma 55-58 against 0 around it. Twice the "coloured" level is the rule here.
+    disc = chroma[y - near:y + near + 1, x - near:x + near + 1]
+    assert disc.max() > 40 and (disc > 20).mean() > 0.2, "heat colours on the nodule"
     assert coloured.mean() < 0.15, "heat is local, not a wash over the slice"

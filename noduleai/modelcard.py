@@ -66,8 +66,11 @@ DETECTOR_LIMITS = [
     "Trained and measured on four real host CTs (one per scanner/kernel/protocol) with real LIDC nodule crops "
     "pasted in; four hosts are far too few to claim robustness to acquisition: every number below comes "
     "from three to nine CTs per held-out host, hence the wide intervals.",
-    "Small nodules (3-10 mm) are the weak stage: the candidate network misses most of them (see the size "
-    "table); a negative result never rules a nodule out.",
+    "Small nodules (3-10 mm) are the weak stage: the candidate network misses many of them, and every one "
+    "under 5 mm in the held-out tests (see the size table); a negative result never rules a nodule out.",
+    "A candidate's diameter is read from the candidate map, not measured on the CT: a rough size for review "
+    "(on validation cohorts within 2x of the readers' diameter for about three in four nodules; masses are "
+    "reported smaller than they are).",
     "Pasted lesions are real LIDC pixels added as contrast over the host, not lesions grown in that patient: "
     "partial volume and kernel follow the crop's scanner, not the host's.",
     "Probabilities are calibrated (temperature, bias and the candidate score's weight) on validation cohorts "
