@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import RADIOMICS_IMAGE, REPO, require
@@ -17,11 +18,14 @@ from noduleai.checkpoint import load_model
 from noduleai.cli import main
 from noduleai.detect import Candidate
 from noduleai.detect_v2 import DETECTOR_FORMAT, TwoStageDetector, load_detector
+from noduleai.evaluate import hits
+from noduleai.geometry import peak_lps
 from noduleai.modelpath import BUNDLED_MODEL_FILE, bundled_model_path
 from noduleai.real_cohort import HOSTS
 from noduleai.recipe import BUNDLED_MODEL_NAME, BUNDLED_PREPROCESS, lesion_of_label
 from noduleai.recipe_v2 import BUNDLED_V2_NAME, CANDIDATE_PREPROCESS, CLASSIFIER_PREPROCESS
 from noduleai.records import NoduleRecord
+from noduleai.results import read_detection
 
 V1_MODEL = REPO / "Resources" / "Models" / "noduleai_patch_v1.pt"
 
@@ -70,6 +74,13 @@ def test_bundled_detector_is_small_safe_and_carded(bundled):
     for name, by_thickness in stress.items():
         for thickness, measured in by_thickness.items():
             assert f"| {name} | {float(thickness):g} mm (simulated) | {measured['froc']['cpm']:.2f}" in card
+    # The unseen real lesions, each by its own fold's detector run as `detect` runs (Grad-CAM included).
+    explained = detector.info.metrics["held_out_explanations"]
+    assert set(explained) == {"lidc0001", "lung1"}
+    for name, rows in explained.items():
+        for r in rows:
+            assert f"- {name}: {r['diameter_mm']:.0f} mm lesion " in card
+            assert ("heatmap peak inside it" if r["heat_peak_inside"] else "heatmap peak outside it") in card
 
 
 def test_detect_uses_the_bundled_detector_by_default_and_reproduces_its_lung1_record(bundled, tmp_path):
@@ -85,6 +96,11 @@ def test_detect_uses_the_bundled_detector_by_default_and_reproduces_its_lung1_re
     hit = _lung1_hit(report)
     assert recorded["rank"] is not None and hit["rank"] == recorded["rank"]
     assert hit["probability"] == pytest.approx(recorded["probability"], abs=1e-4)
+    # ... and so is where its heatmap (as written for Slicer) peaks relative to the lesion.
+    centre, diameter = lesion_of_label(require(RADIOMICS_IMAGE).with_name("lung1_label.nrrd"))
+    peak = peak_lps(read_detection(tmp_path, "lung1_image").heatmap)
+    assert hits(peak, centre, diameter) == recorded["heat_peak_inside"]
+    assert float(np.linalg.norm(np.subtract(peak, centre))) == pytest.approx(recorded["heat_peak_distance_mm"], abs=5.0)
 
 
 @pytest.mark.slow  # v1's dense scan (~60 s); not the default any more, so out of the lean default run

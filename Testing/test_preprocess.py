@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from noduleai.geometry import array_index_to_lps, lps_to_array_index, lps_to_ras, ras_to_lps
+from noduleai.geometry import (
+    array_index_to_lps,
+    image_from_array,
+    lps_to_array_index,
+    lps_to_ras,
+    peak_lps,
+    ras_to_lps,
+)
 from noduleai.preprocess import (
     PATCH_PREPROCESS,
     SCAN_PREPROCESS,
@@ -79,6 +86,19 @@ def test_lps_ras_round_trip_on_real_scan(lidc_ct):
     ras = lps_to_ras(corner)
     assert ras == (-corner[0], -corner[1], corner[2])
     assert np.allclose(ras_to_lps(ras), corner)
+
+
+def test_a_heatmaps_peak_is_read_as_the_lps_point_of_its_hottest_voxel(lidc_ct):
+    """The point a heatmap peaks at, on the real CT's grid (its own spacing and origin): the hottest voxel
+    (not the first voxel, not x/y swapped), and no point at all for a map without heat."""
+    shape = sitk.GetArrayViewFromImage(lidc_ct).shape
+    heat = np.zeros(shape, np.float32)
+    hottest = (shape[0] // 3, shape[1] // 4, 2 * shape[2] // 3)
+    heat[hottest] = 1.0
+    heat[shape[0] // 2, shape[1] // 2, shape[2] // 2] = 0.9
+    image = image_from_array(heat, lidc_ct)
+    assert np.allclose(peak_lps(image), array_index_to_lps(lidc_ct, hottest))
+    assert peak_lps(image_from_array(np.zeros(shape, np.float32), lidc_ct)) is None
 
 
 def test_scan_preprocessing_fits_model_input_keeping_aspect(lidc_ct):

@@ -37,6 +37,14 @@ def lps_to_array_index(image: sitk.Image, point_lps: Sequence[float]) -> tuple[f
     return z, y, x
 
 
+def peak_lps(image: sitk.Image) -> tuple[float, float, float] | None:
+    """LPS point of ``image``'s hottest voxel (the first one on ties), or None when nothing is above 0."""
+    array = sitk.GetArrayViewFromImage(image)
+    if array.size == 0 or not array.max() > 0:
+        return None
+    return array_index_to_lps(image, np.unravel_index(int(np.argmax(array)), array.shape))
+
+
 def image_from_array(array: np.ndarray, like: sitk.Image) -> sitk.Image:
     """A SimpleITK image holding ``array`` (z, y, x) with the geometry of ``like``."""
     image = sitk.GetImageFromArray(array)

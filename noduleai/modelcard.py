@@ -193,7 +193,7 @@ ranking then listing one candidate per lesion):
 {chr(10).join(ranking_rows)}
 
 Candidate stage by size (pooled): {sizes}.
-{_not_held_out(summary)}
+{_explanation_section(info.metrics.get("held_out_explanations"))}{_not_held_out(summary)}
 
 ## Acquisitions tested (held out)
 {chr(10).join(f'- {k}: {v}' for k, v in hosts.items() if k in summary['folds'])}
@@ -211,6 +211,25 @@ def _lesions(rows: list[dict], none: str) -> str:
     """Real lesions of an original CT: size, then rank and P, or missed."""
     return "; ".join(f"{r['diameter_mm']:.0f} mm: rank {r['rank']}, P {r['probability']:.2f}" if r["rank"]
                      else f"{r['diameter_mm']:.0f} mm: missed" for r in rows) or none
+
+
+def _explanation_section(explained: dict | None) -> str:
+    """Where each held-out fold's heatmap peaks on its host's real lesions (run as ``detect`` runs)."""
+    if not explained:
+        return ""
+
+    def where(r: dict) -> str:
+        if r["heat_peak_distance_mm"] is None:
+            return "no heat"
+        inside = "inside it" if r["heat_peak_inside"] else "outside it"
+        return f"{inside}, {r['heat_peak_distance_mm']:.0f} mm from its centre"
+
+    lines = [f"- {host}: {r['diameter_mm']:.0f} mm lesion "
+             + (f"rank {r['rank']}, P {r['probability']:.2f}" if r["rank"] else "not listed")
+             + f"; heatmap peak {where(r)}" for host, rows in explained.items() for r in rows]
+    return ("\nThe unseen real lesions as a reader sees them (each host's own fold detector, `detect` with "
+            "Grad-CAM on the original CT; the peak is the heatmap's hottest voxel, inside by the hit rule):\n"
+            + "\n".join(lines) + "\n")
 
 
 def _stress_section(stress: dict | None) -> str:

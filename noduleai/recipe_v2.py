@@ -562,6 +562,7 @@ def build_bundled_v2(data_root: str | os.PathLike, work_dir: str | os.PathLike, 
     paths = V2Paths(Path(work_dir))
     cohorts, _real = build_v2_cohorts(data_root, paths, progress=progress)
     stress = thick_slice_stress(paths, cohorts, _real, report["folds"], progress=progress)
+    explained = held_out_explanations(paths, _real, report["folds"], progress=progress)
     training, validation, test_cases = ([c for name in cohorts for c in cohorts[name][part]] for part in CROP_PARTS)
     say(f"final model: candidate network on {len(training)} CTs of every host")
     net, config = train_candidates("final", training, paths, candidate_steps, progress)
@@ -572,7 +573,7 @@ def build_bundled_v2(data_root: str | os.PathLike, work_dir: str | os.PathLike, 
     info.metrics = {"leave_one_host_out": summarise_loho(report), "calibration": calibration,
                     "final_patch_test_seen_hosts": result.test_metrics,
                     "training_hosts_check": training_hosts_check(detector, _real),
-                    "thick_slice_stress": stress}
+                    "thick_slice_stress": stress, "held_out_explanations": explained}
     info.training_data = {"hosts": {h: HOSTS[h][1] for h in cohorts}, "training_cts": len(training),
                           "validation_cts": len(validation), "test_cases": [c.case_id for c in test_cases],
                           "crop_parts": CROP_PARTS, "seed": V2_SEED, "candidate_steps": candidate_steps,
@@ -586,22 +587,51 @@ def build_bundled_v2(data_root: str | os.PathLike, work_dir: str | os.PathLike, 
     return path
 
 
-def training_hosts_check(detector, real: dict) -> dict:
-    """The shipped detector's rank and P of each host's real lesion. The hosts were trained on (their lesions
-    as positives), so this is a record to reproduce (a regression check), not a measurement."""
+def real_lesions_explained(detector, original) -> list[dict]:
+    """Each real lesion of a host's original CT as a reader sees it after ``detect``: its rank and P in the
+    list (the hit rule; excluded findings are skipped), and where the heatmap peaks: inside the lesion (the
+    same hit rule) or how far from its centre."""
     from noduleai.assessment import nodule_hit
-    from noduleai.evaluate import hits_any
+    from noduleai.evaluate import hits, hits_any
+    from noduleai.geometry import peak_lps
     from noduleai.io import read_ct
 
-    out = {}
-    for name, host in real.items():
-        original = original_case(host)
-        if not original.nodules:
-            continue
-        found = detector.detect(read_ct(original.image_path))
-        kept = [c for c in found.candidates if not hits_any(c.position_lps, original.excluded)]
-        out[name] = [nodule_hit(kept, n) for n in original.nodules]
-    return out
+    found = detector.detect(read_ct(original.image_path))
+    kept = [c for c in found.candidates if not hits_any(c.position_lps, original.excluded)]
+    peak = peak_lps(found.heatmap)
+    return [nodule_hit(kept, n) | {
+        "heat_peak_inside": peak is not None and hits(peak, n.center_lps, n.diameter_mm),
+        "heat_peak_distance_mm": None if peak is None else float(np.linalg.norm(np.subtract(peak, n.center_lps)))}
+        for n in original.nodules]
+
+
+def training_hosts_check(detector, real: dict) -> dict:
+    """The shipped detector on each host's real lesions (:func:`real_lesions_explained`). The hosts were
+    trained on (their lesions as positives), so this is a record to reproduce (a regression check), not a
+    measurement."""
+    return {name: real_lesions_explained(detector, original_case(host))
+            for name, host in real.items() if host.reference}
+
+
+def held_out_explanations(paths: V2Paths, real: dict, folds: dict, progress: bool = True) -> dict:
+    """Each fold's detector on its own held-out host's original CT, as a reader runs it
+    (:func:`real_lesions_explained`): is the unseen real lesion listed first, and does the heatmap peak
+    inside it? Stored, keyed by the folds (resumable)."""
+    from noduleai.files import content_key, read_keyed, write_json_atomic
+
+    say = print if progress else (lambda *a, **k: None)
+    key = content_key([{h: f["key"] for h, f in folds.items()}, "real_lesions_explained"])
+    path = paths.root / "held_out_explanations.json"
+    done = read_keyed(path, key)
+    if done is not None:
+        return done["results"]
+    results = {}
+    for host, fold in folds.items():
+        if "calibration" in fold and real[host].reference:  # a candidates-only fold has no detector
+            results[host] = real_lesions_explained(fold_detector(paths, fold), original_case(real[host]))
+            say(f"held-out explanation, host {host}: {results[host]}")
+    write_json_atomic({"key": key, "results": results}, path)
+    return results
 
 
 def summarise_loho(report: dict) -> dict:
