@@ -154,7 +154,8 @@ def detector_card(detector, summary: dict, hosts: dict[str, str]) -> str:
   drawn {detector.candidate_config.lesion_sampling.replace("_", " ")}, loss {detector.candidate_config.loss}
   (targets: {_TARGETS.get(detector.candidate_config.loss, "the lesion masks")}).
 - Stage 2, decision and explanation: {info.arch} width x{info.width}, {info.input_size[0]}^3 patches on
-  `{info.preprocess}`, trained on the candidate network's own false positives as negatives; its logit
+  `{info.preprocess}`, trained {info.training_data.get('classifier_epochs', '?')} epochs on the candidate
+  network's own false positives as negatives; its logit
   difference z fused with the candidate score s as P = sigmoid(z / {detector.temperature:.2f}
   {detector.candidate_weight:+.2f} logit(s) {detector.bias:+.2f}) (temperature, weight and bias fitted on
   validation cohorts); a proposal inside a better-ranked one is the same lesion and is not listed twice;
