@@ -315,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "lidc-nodule-crops/, luna16/, totalsegmentator/)")
     p.add_argument("--work", help=f"work folder, reused and resumed (default: {V2_WORK}; v1: {V1_WORK})")
     p.add_argument("--install-dir", help="where the model and its card go (default: Resources/Models)")
-    p.add_argument("--epochs", type=int, help="classifier epochs (v2 default 8; v1 patch model 8; scan experiment "
-                                               "50, the seed's)")
+    p.add_argument("--epochs", type=int, help="classifier epochs (v2: recipe_v2.CLASSIFIER_EPOCHS; v1 patch model "
+                                               "8; scan experiment 50, the seed's)")
     p.add_argument("--candidate-steps", type=int, default=250, help="candidate network training steps")
     p.add_argument("--leave-one-host-out", action="store_true",
                    help="only the measurement: one detector per held-out real host, scored on that host alone")
