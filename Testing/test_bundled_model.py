@@ -74,13 +74,6 @@ def test_bundled_detector_is_small_safe_and_carded(bundled):
     for name, by_thickness in stress.items():
         for thickness, measured in by_thickness.items():
             assert f"| {name} | {float(thickness):g} mm (simulated) | {measured['froc']['cpm']:.2f}" in card
-    # The unseen real lesions, each by its own fold's detector run as `detect` runs (Grad-CAM included).
-    explained = detector.info.metrics["held_out_explanations"]
-    assert set(explained) == {"lidc0001", "lung1"}
-    for name, rows in explained.items():
-        for r in rows:
-            assert f"- {name}: {r['diameter_mm']:.0f} mm lesion " in card
-            assert ("heatmap peak inside it" if r["heat_peak_inside"] else "heatmap peak outside it") in card
 
 
 def test_detect_uses_the_bundled_detector_by_default_and_reproduces_its_lung1_record(bundled, tmp_path):

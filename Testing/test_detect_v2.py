@@ -282,12 +282,20 @@ def test_card_shows_every_held_out_host_with_its_own_numbers():
     stressed = folds["lung1"] | {"original_ct": {"real_lesions": [{"diameter_mm": 14.2, "rank": None,
                                                                   "probability": None}],
                                                  "false_positives_at_operating_threshold": 4}}
-    detector.info.metrics = {"thick_slice_stress": {"lung1": {"8.0": stressed}}}
+    detector.info.metrics = {"thick_slice_stress": {"lung1": {"8.0": stressed}}, "held_out_explanations": {
+        "lidc0001": [{"diameter_mm": 23.4, "rank": 1, "probability": 0.93, "heat_peak_inside": True,
+                      "heat_peak_distance_mm": 4.2}],
+        "lung1": [{"diameter_mm": 14.2, "rank": None, "probability": None, "heat_peak_inside": False,
+                   "heat_peak_distance_mm": 61.0}]}}
+    detector.info.training_data = {"classifier_epochs": 4}
     card = detector_card(detector, summarise_loho(report), {"lidc0001": "GE 2.5 mm", "lung1": "5 mm"})
     stress_row = next(line for line in card.splitlines() if line.startswith("| lung1 | 8 mm (simulated) |"))
     assert _cpm_text(folds["lung1"]["froc"]) in stress_row and "14 mm: missed" in stress_row
     assert stress_row.endswith("| 4 |")
     assert "PROTOCOL TEXT" in card and "research use" in card.lower()
+    assert "- lidc0001: 23 mm lesion rank 1, P 0.93; heatmap peak inside it, 4 mm from its centre" in card
+    assert "- lung1: 14 mm lesion not listed; heatmap peak outside it, 61 mm from its centre" in card
+    assert "trained 4 epochs on the candidate" in card
     config = detector.candidate_config  # the card says how the shipped candidate network was trained
     assert f"trained {config.steps} steps" in card and config.lesion_sampling.replace("_", " ") in card
     assert "no fold of its own in this build): totalseg" in card

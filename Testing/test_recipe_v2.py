@@ -20,6 +20,7 @@ from noduleai.recipe_v2 import (
     V2Paths,
     build_v2_cohorts,
     fold_detector,
+    held_out_explanations,
     leave_one_host_out,
     on_original_ct,
     original_case,
@@ -59,6 +60,13 @@ def test_leave_one_host_out_keeps_hosts_and_patients_apart(tmp_path):
     cohorts, _ = build_v2_cohorts(SHARED_DATA, paths, ["totalseg", "lung1"], progress=False)
     stress = thick_slice_stress(paths, cohorts, real, {"lung1": fold}, (8.0,), progress=False)
     assert stress["lung1"]["8.0"]["froc"]["scans"] == fold["test_cts"]
+    # The unseen real lesion as a reader sees it (detect with Grad-CAM): the same rank and P as the fold's
+    # record, and where the heatmap peaks, by the hit rule.
+    explained = held_out_explanations(paths, real, {"lung1": fold}, progress=False)
+    row, recorded = explained["lung1"][0], fold["original_ct"]["real_lesions"][0]
+    assert row["rank"] == recorded["rank"]
+    assert row["heat_peak_distance_mm"] is not None
+    assert row["heat_peak_inside"] == (row["heat_peak_distance_mm"] <= row["diameter_mm"] / 2)
     stamp = paths.fold_result("lung1").stat().st_mtime_ns
     again = leave_one_host_out(SHARED_DATA, tmp_path, candidate_steps=2, epochs=1, hosts=["totalseg", "lung1"],
                                progress=False)

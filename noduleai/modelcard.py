@@ -76,6 +76,10 @@ DETECTOR_LIMITS = [
     "Probabilities are calibrated (temperature, bias and the candidate score's weight) on validation cohorts "
     "of hosts the model was trained on; on an unseen scanner they may be off. The operating threshold is a "
     "working point chosen on those cohorts (a false-positive budget per validation CT), not a diagnosis.",
+    "Each number is one training run per fold: the intervals resample scans, not training runs. Retraining "
+    "with the same code, settings and seeds on another machine gave other networks (float rounding differs by "
+    "CPU); once measured (README, training variance), two folds' CPM moved by 0.07-0.09 and both real lesions "
+    "lost their first place.",
     "Not tested on: real slices thicker than 5 mm (thicker ones only simulated from thinner ones), paediatric CT, "
     "low-dose screening protocols, post-operative "
     "lungs, diffuse lung disease.",
