@@ -83,6 +83,10 @@ def test_two_stage_detection_on_a_phantom(phantom, monkeypatch):
     assert all(abs(w.probability - 0.5) <= abs(p - 0.5) + 1e-9 for w, p in zip(warm.candidates, probs))
     with pytest.raises(DetectionCancelled):
         detector.detect(phantom.image, progress=lambda f: f >= 0.6)
+    # The proposal limit caps the peaks the classifier scores, best first.
+    detector.proposal_limit = 2
+    capped, _map, _found = detector.propose(phantom.image)
+    assert [s for _p, s, _d in capped] == [s for _p, s, _d in _proposals[:2]]
 
 
 def test_calibration_fit_recovers_a_known_temperature_and_bias():

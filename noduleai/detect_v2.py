@@ -25,6 +25,7 @@ from noduleai import __version__
 from noduleai.calibration import calibrated
 from noduleai.cam import blended_candidate_cams, cam_to_ct
 from noduleai.candidate_net import (
+    PROPOSAL_LIMIT,
     CandidateNetConfig,
     candidate_net_from_payload,
     probability_map,
@@ -78,7 +79,7 @@ class TwoStageDetector:
                  temperature: float = 1.0, device: str | torch.device = "auto", max_candidates: int = 20,
                  min_probability: float = 0.0, cam_method: str | None = None, cam_layer: str | None = None,
                  source: str = "", bias: float = 0.0, candidate_weight: float = 0.0,
-                 operating_threshold: float | None = None):
+                 operating_threshold: float | None = None, proposal_limit: int = PROPOSAL_LIMIT):
         self.source = source
         self.device = pick_device(device) if isinstance(device, str) else device
         self.candidate_net = candidate_net.to(self.device).eval()
@@ -93,6 +94,7 @@ class TwoStageDetector:
         # The working point chosen on validation (see recipe_v2); None for files written before it existed.
         self.operating_threshold = operating_threshold
         self.max_candidates = max_candidates
+        self.proposal_limit = proposal_limit  # peaks of the candidate map the classifier scores
         self.min_probability = min_probability
         self.cam_method = cam_method or info.cam_method
         self.cam_layer = cam_layer or info.cam_layer
@@ -135,7 +137,8 @@ class TwoStageDetector:
         self._report(0.1)
         prob = probability_map(self.candidate_net, pre.array, self.candidate_config)
         spacing = np.asarray(pre.image.GetSpacing()[::-1])
-        found = proposals_from_map(prob, pre.mask_array, spacing, edge=size_fraction(self.candidate_config))
+        found = proposals_from_map(prob, pre.mask_array, spacing, limit=self.proposal_limit,
+                                   edge=size_fraction(self.candidate_config))
         shown = np.where(prob >= MAP_FLOOR, prob, 0.0).astype(np.float32)
         return ([(array_index_to_lps(pre.image, p.zyx), p.score, p.diameter_mm) for p in found],
                 image_from_array(shown, pre.image), pre.lung_found)
