@@ -25,6 +25,7 @@ from noduleai.recipe_v2 import (
     on_original_ct,
     original_case,
     reproduces,
+    stored_per_fold,
     thick_slice_stress,
 )
 
@@ -72,3 +73,25 @@ def test_leave_one_host_out_keeps_hosts_and_patients_apart(tmp_path):
                                progress=False)
     assert paths.fold_result("lung1").stat().st_mtime_ns == stamp  # unchanged inputs: the fold is reused
     assert again["folds"]["lung1"]["key"] == report["folds"]["lung1"]["key"]
+
+
+def test_per_fold_records_are_stored_by_the_folds_keys_and_measured_again_when_stale(tmp_path):
+    """What build-model stores per fold (thick-slice stress, held-out explanations) is reused only while the
+    folds and settings that made it are unchanged; folds without a detector or without a record are left out."""
+    paths = V2Paths(tmp_path)
+    calls = []
+
+    def measure(host, fold):
+        calls.append(host)
+        return None if host == "cptac" else {"measured": fold["key"]}
+
+    folds = {"lidc0001": {"key": "k1", "calibration": {}}, "totalseg": {"key": "k2"},  # candidates only
+             "cptac": {"key": "k3", "calibration": {}}}
+    first = stored_per_fold(paths, "record.json", folds, [8.0], measure)
+    assert first == {"lidc0001": {"measured": "k1"}} and calls == ["lidc0001", "cptac"]
+    assert stored_per_fold(paths, "record.json", folds, [8.0], measure) == first and len(calls) == 2  # reused
+    stored_per_fold(paths, "record.json", folds, [5.0], measure)  # another setting: measured again
+    assert len(calls) == 4
+    folds["lidc0001"]["key"] = "k1-retrained"
+    again = stored_per_fold(paths, "record.json", folds, [5.0], measure)  # a fold changed: measured again
+    assert again == {"lidc0001": {"measured": "k1-retrained"}} and len(calls) == 6

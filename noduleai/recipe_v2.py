@@ -490,19 +490,11 @@ def thick_slice_stress(paths: V2Paths, cohorts: dict, real: dict, folds: dict,
     from functools import partial
 
     from noduleai.acquisition import SAMPLES_PER_SLAB, thick_slices
-    from noduleai.files import content_key, read_keyed, write_json_atomic
     from noduleai.io import read_ct
 
     say = print if progress else (lambda *a, **k: None)
-    key = content_key([{h: f["key"] for h, f in folds.items()}, list(thicknesses_mm), SAMPLES_PER_SLAB])
-    path = paths.root / "thick_slice_stress.json"
-    done = read_keyed(path, key)
-    if done is not None:
-        return done["results"]
-    results = {}
-    for host, fold in folds.items():
-        if "calibration" not in fold:
-            continue  # a candidates-only fold has no detector
+
+    def measure(host: str, fold: dict) -> dict:
         detector = fold_detector(paths, fold)
         original = original_case(real[host])
         if not reproduces(fold["original_ct"], on_original_ct(detector, original, detector.scored_proposals(
@@ -510,14 +502,38 @@ def thick_slice_stress(paths: V2Paths, cohorts: dict, real: dict, folds: dict,
             raise RuntimeError(f"fold {host}: its saved stages in {paths.root} no longer reproduce its recorded "
                                "result on the original CT (rewritten by another run?); delete its fold record "
                                "to measure it again")
+        by_thickness = {}
         for thickness in thicknesses_mm:
             t = time.perf_counter()
             measured = measure_on_host(detector, cohorts[host]["test"], fold["truths"], original,
                                        reslice=partial(thick_slices, thickness_mm=thickness))
-            results.setdefault(host, {})[str(thickness)] = {k: measured[k] for k in (
+            by_thickness[str(thickness)] = {k: measured[k] for k in (
                 "froc", "cpm_by_ranking", "operating_point", "original_ct")}
             say(f"thick slices {thickness} mm, host {host}: CPM {measured['froc']['cpm']:.2f} "
                 f"({time.perf_counter() - t:.0f} s)")
+        return by_thickness
+
+    return stored_per_fold(paths, "thick_slice_stress.json", folds, [list(thicknesses_mm), SAMPLES_PER_SLAB],
+                           measure)
+
+
+def stored_per_fold(paths: V2Paths, name: str, folds: dict, key_parts: list, measure) -> dict:
+    """``measure(host, fold)`` of every fold that has a detector (None: nothing to record for that host),
+    stored in ``name`` in the work folder, keyed by the folds and ``key_parts``: reused when nothing that
+    made it changed, measured again otherwise."""
+    from noduleai.files import content_key, read_keyed, write_json_atomic
+
+    key = content_key([{h: f["key"] for h, f in folds.items()}, *key_parts])
+    path = paths.root / name
+    done = read_keyed(path, key)
+    if done is not None:
+        return done["results"]
+    results = {}
+    for host, fold in folds.items():
+        if "calibration" in fold:  # a candidates-only fold has no detector
+            measured = measure(host, fold)
+            if measured is not None:
+                results[host] = measured
     write_json_atomic({"key": key, "results": results}, path)
     return results
 
@@ -621,21 +637,16 @@ def held_out_explanations(paths: V2Paths, real: dict, folds: dict, progress: boo
     """Each fold's detector on its own held-out host's original CT, as a reader runs it
     (:func:`real_lesions_explained`): is the unseen real lesion listed first, and does the heatmap peak
     inside it? Stored, keyed by the folds (resumable)."""
-    from noduleai.files import content_key, read_keyed, write_json_atomic
-
     say = print if progress else (lambda *a, **k: None)
-    key = content_key([{h: f["key"] for h, f in folds.items()}, "real_lesions_explained"])
-    path = paths.root / "held_out_explanations.json"
-    done = read_keyed(path, key)
-    if done is not None:
-        return done["results"]
-    results = {}
-    for host, fold in folds.items():
-        if "calibration" in fold and real[host].reference:  # a candidates-only fold has no detector
-            results[host] = real_lesions_explained(fold_detector(paths, fold), original_case(real[host]))
-            say(f"held-out explanation, host {host}: {results[host]}")
-    write_json_atomic({"key": key, "results": results}, path)
-    return results
+
+    def explain(host: str, fold: dict) -> list[dict] | None:
+        if not real[host].reference:
+            return None
+        rows = real_lesions_explained(fold_detector(paths, fold), original_case(real[host]))
+        say(f"held-out explanation, host {host}: {rows}")
+        return rows
+
+    return stored_per_fold(paths, "held_out_explanations.json", folds, ["real_lesions_explained"], explain)
 
 
 def summarise_loho(report: dict) -> dict:
