@@ -37,8 +37,13 @@ def bundled():
     return path, load_detector(path, "cpu")
 
 
+def _lung1_lesion() -> tuple[tuple[float, float, float], float]:
+    """The real lung1 lesion's centre (LPS) and diameter, from its label map."""
+    return lesion_of_label(require(RADIOMICS_IMAGE).with_name("lung1_label.nrrd"))
+
+
 def _lung1_hit(report: dict) -> dict:
-    centre, diameter = lesion_of_label(require(RADIOMICS_IMAGE).with_name("lung1_label.nrrd"))
+    centre, diameter = _lung1_lesion()
     candidates = [Candidate(c["rank"], tuple(c["position_lps"]), tuple(c["position_ras"]), c["probability"],
                             c["diameter_mm"]) for c in report["candidates"]]
     return nodule_hit(candidates, NoduleRecord(centre, diameter))
@@ -90,7 +95,7 @@ def test_detect_uses_the_bundled_detector_by_default_and_reproduces_its_lung1_re
     assert recorded["rank"] is not None and hit["rank"] == recorded["rank"]
     assert hit["probability"] == pytest.approx(recorded["probability"], abs=1e-4)
     # ... and so is where its heatmap (as written for Slicer) peaks relative to the lesion.
-    centre, diameter = lesion_of_label(require(RADIOMICS_IMAGE).with_name("lung1_label.nrrd"))
+    centre, diameter = _lung1_lesion()
     peak = peak_lps(read_detection(tmp_path, "lung1_image").heatmap)
     assert hits(peak, centre, diameter) == recorded["heat_peak_inside"]
     assert float(np.linalg.norm(np.subtract(peak, centre))) == pytest.approx(recorded["heat_peak_distance_mm"], abs=5.0)
